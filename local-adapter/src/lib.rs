@@ -1,0 +1,1 @@
+//! ExecutorApi on this machine: Linux namespace/cgroup sandboxes (being written).

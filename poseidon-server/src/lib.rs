@@ -1,0 +1,1 @@
+//! Poseidon HTTP API server (being written).

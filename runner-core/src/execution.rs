@@ -1,0 +1,173 @@
+//! Executions: what a client asks to run, and the events it receives back (design §2).
+//!
+//! Events travel through bounded channels end to end: a client that stops reading stops the
+//! backend from reading the process's output, so memory stays flat.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// How many events may wait between a producer and a consumer of an execution's output.
+pub const EVENT_BUFFER: usize = 64;
+
+/// How many stdin chunks may wait before the client's writes are slowed down.
+pub const STDIN_BUFFER: usize = 16;
+
+/// A command to run in a runner (`POST /runners/{id}/execute`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecutionRequest {
+    /// A shell command line, run with `bash -c`.
+    pub command: String,
+    /// Seconds after which the execution is killed and reported as `timeout`; 0 = no limit.
+    #[serde(default)]
+    pub time_limit: u64,
+    /// Run as the sandbox's root instead of the unprivileged `user`.
+    #[serde(default)]
+    pub privileged_execution: bool,
+    /// Extra environment variables, passed exactly as given.
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+}
+
+/// An execution request a backend cannot run safely.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidExecution {
+    /// The command contains a NUL byte, which no `exec` can pass.
+    #[error("command: must not contain NUL bytes")]
+    NulInCommand,
+    /// An environment variable name is empty or contains `=` or NUL.
+    #[error("environment: invalid variable name {0:?}")]
+    BadVariableName(String),
+    /// An environment variable value contains NUL.
+    #[error("environment: value of {0:?} must not contain NUL bytes")]
+    NulInValue(String),
+}
+
+impl ExecutionRequest {
+    /// A request to run `command` unprivileged, without time limit or variables.
+    pub fn new(command: impl Into<String>) -> Self {
+        Self {
+            command: command.into(),
+            time_limit: 0,
+            privileged_execution: false,
+            environment: BTreeMap::new(),
+        }
+    }
+
+    /// The time limit, if any.
+    pub fn time_limit(&self) -> Option<Duration> {
+        (self.time_limit > 0).then(|| Duration::from_secs(self.time_limit))
+    }
+
+    /// Checks that the request can be passed to `exec` unchanged.
+    pub fn validate(&self) -> Result<(), InvalidExecution> {
+        if self.command.contains('\0') {
+            return Err(InvalidExecution::NulInCommand);
+        }
+        for (name, value) in &self.environment {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(InvalidExecution::BadVariableName(name.clone()));
+            }
+            if value.contains('\0') {
+                return Err(InvalidExecution::NulInValue(name.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why an execution ended with an `error` message; `Display` gives the exact text the client sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecutionFailure {
+    /// The runner was killed for memory.
+    OomKilled,
+    /// The runner was deleted, or its environment updated or deleted.
+    StoppedAsExpected,
+    /// The output cap of this many bytes was reached.
+    OutputLimitExceeded(u64),
+    /// Anything else.
+    Failed,
+}
+
+impl fmt::Display for ExecutionFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OomKilled => f.write_str("the allocation was OOM Killed"),
+            Self::StoppedAsExpected => f.write_str("the allocation stopped as expected"),
+            Self::OutputLimitExceeded(n) => write!(f, "the output limit of {n} bytes was exceeded"),
+            Self::Failed => f.write_str("Error executing the request"),
+        }
+    }
+}
+
+/// One event of a running execution.
+///
+/// A stream carries any number of `Stdout`/`Stderr` events and then exactly one terminal event
+/// (`Exit`, `Timeout` or `Error`), after which it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecutionEvent {
+    /// Bytes the command wrote to its terminal (stdout).
+    Stdout(Bytes),
+    /// Bytes the command wrote to stderr.
+    Stderr(Bytes),
+    /// The main process exited with this code.
+    Exit(u8),
+    /// The time limit or the runner's inactivity timeout ended the execution.
+    Timeout,
+    /// The execution ended abnormally.
+    Error(ExecutionFailure),
+}
+
+impl ExecutionEvent {
+    /// Whether this event ends the stream.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, Self::Stdout(_) | Self::Stderr(_))
+    }
+}
+
+/// A running execution as the client side sees it.
+///
+/// Dropping `events` (or the whole value) cancels the execution and kills its process tree.
+#[derive(Debug)]
+pub struct Execution {
+    /// Bytes for the command's stdin; bounded, so a fast writer waits.
+    pub stdin: mpsc::Sender<Bytes>,
+    /// Output and the final event.
+    pub events: mpsc::Receiver<ExecutionEvent>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_reads_api_json_with_defaults() {
+        let r: ExecutionRequest = serde_json::from_str(r#"{"command":"true"}"#).unwrap();
+        assert_eq!(r, ExecutionRequest::new("true"));
+        assert_eq!(r.time_limit(), None);
+        let r: ExecutionRequest = serde_json::from_str(
+            r#"{"command":"env","timeLimit":3,"privilegedExecution":true,"environment":{"A":"b c"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.time_limit(), Some(Duration::from_secs(3)));
+        assert!(r.privileged_execution);
+        assert_eq!(r.environment["A"], "b c");
+    }
+
+    #[test]
+    fn validation_rejects_what_exec_cannot_pass() {
+        assert!(ExecutionRequest::new("echo 'quoted'").validate().is_ok());
+        assert_eq!(
+            ExecutionRequest::new("a\0b").validate(),
+            Err(InvalidExecution::NulInCommand)
+        );
+        let mut r = ExecutionRequest::new("env");
+        r.environment.insert("A=B".into(), "x".into());
+        assert!(matches!(r.validate(), Err(InvalidExecution::BadVariableName(_))));
+    }
+}

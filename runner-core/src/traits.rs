@@ -1,0 +1,114 @@
+//! The domain's seams as traits, so the HTTP layer and embedders depend on behaviour, not on
+//! [`crate::RunnerManager`]: [`Manager`] hands out [`Runner`]s of [`Environment`]s.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::environment::{EnvironmentSpec, EnvironmentStatistics};
+use crate::error::ManagerError;
+use crate::execution::{Execution, ExecutionRequest};
+use crate::executor::MappedPort;
+use crate::files::{FileContent, FileHeader, FileUpdate, ListFilesRequest};
+use crate::ids::{EnvironmentId, ExecutionId, RunnerId};
+
+/// A claimed runner. Every operation restarts its inactivity timer.
+#[async_trait]
+pub trait Runner: Send + Sync + fmt::Debug {
+    /// The runner's id.
+    fn id(&self) -> &RunnerId;
+
+    /// The environment it was created from.
+    fn environment(&self) -> EnvironmentId;
+
+    /// Where its exposed ports are reachable.
+    fn mapped_ports(&self) -> Vec<MappedPort>;
+
+    /// Stores `request` under a fresh single-use id that expires if never started.
+    fn store_execution(&self, request: ExecutionRequest) -> Result<ExecutionId, ManagerError>;
+
+    /// Takes the stored request `id` and starts it. The id cannot be used again.
+    async fn start_execution(&self, id: ExecutionId) -> Result<Execution, ManagerError>;
+
+    /// Deletes and copies files.
+    async fn update_files(&self, update: FileUpdate) -> Result<(), ManagerError>;
+
+    /// Lists files.
+    async fn list_files(&self, request: ListFilesRequest) -> Result<Vec<FileHeader>, ManagerError>;
+
+    /// Reads a file.
+    async fn read_file(&self, path: &str, privileged: bool) -> Result<FileContent, ManagerError>;
+}
+
+/// An execution environment with its prewarming pool.
+pub trait Environment: Send + Sync + fmt::Debug {
+    /// Its current specification.
+    fn spec(&self) -> EnvironmentSpec;
+
+    /// Idle and used runner counts.
+    fn statistics(&self) -> EnvironmentStatistics;
+
+    /// Whether idle/pool is below `threshold` (a pool of size 0 never is).
+    fn is_depleting(&self, threshold: f64) -> bool {
+        let stats = self.statistics();
+        stats.prewarming_pool_size > 0
+            && f64::from(stats.idle_runners) / f64::from(stats.prewarming_pool_size) < threshold
+    }
+}
+
+/// Whether a `PUT` created a new environment or replaced an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The environment did not exist (HTTP 201).
+    Created,
+    /// An existing environment was updated (HTTP 204).
+    Replaced,
+}
+
+/// The runner manager: environments, their pools, and the runners clients hold.
+#[async_trait]
+pub trait Manager: Send + Sync + fmt::Debug {
+    /// Creates or updates an environment. A change of the pool size only resizes the pool; any
+    /// other change replaces the idle runners and lets used ones run on.
+    async fn put_environment(&self, spec: EnvironmentSpec) -> Result<PutOutcome, ManagerError>;
+
+    /// Deletes an environment and destroys all its runners.
+    async fn delete_environment(&self, id: EnvironmentId) -> Result<(), ManagerError>;
+
+    /// One environment.
+    fn environment(&self, id: EnvironmentId) -> Option<Arc<dyn Environment>>;
+
+    /// All environments, ordered by id.
+    fn environments(&self) -> Vec<Arc<dyn Environment>>;
+
+    /// Claims an idle runner at once, or fails with [`ManagerError::NoIdleRunner`]. A zero
+    /// `inactivity_timeout` means the runner never expires.
+    fn claim(
+        &self,
+        environment: EnvironmentId,
+        inactivity_timeout: Duration,
+    ) -> Result<Arc<dyn Runner>, ManagerError>;
+
+    /// A used runner; idle and unknown ids are [`ManagerError::UnknownRunner`].
+    fn runner(&self, id: &RunnerId) -> Result<Arc<dyn Runner>, ManagerError>;
+
+    /// Gives a used runner back; it is destroyed.
+    async fn return_runner(&self, id: &RunnerId) -> Result<(), ManagerError>;
+
+    /// Counts per environment.
+    fn statistics(&self) -> BTreeMap<EnvironmentId, EnvironmentStatistics> {
+        self.environments()
+            .iter()
+            .map(|e| {
+                let s = e.statistics();
+                (s.id, s)
+            })
+            .collect()
+    }
+
+    /// Environments whose idle/pool ratio is below the configured alert threshold.
+    fn depleting_environments(&self) -> Vec<EnvironmentId>;
+}

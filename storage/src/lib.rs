@@ -1,0 +1,1 @@
+//! Durable embedded store for environment and runner records (being written).
