@@ -101,8 +101,14 @@ mod tests {
             ExecutionEvent::Error(e) => e.to_string(),
             other => panic!("unexpected {other:?}"),
         };
-        assert_eq!(msg(DestroyReason::OomKilled), "the allocation was OOM Killed");
-        assert_eq!(msg(DestroyReason::ApiRequest), "the allocation stopped as expected");
+        assert_eq!(
+            msg(DestroyReason::OomKilled),
+            "the allocation was OOM Killed"
+        );
+        assert_eq!(
+            msg(DestroyReason::ApiRequest),
+            "the allocation stopped as expected"
+        );
         assert_eq!(
             msg(DestroyReason::EnvironmentUpdated),
             "the allocation stopped as expected"

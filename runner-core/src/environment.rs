@@ -91,7 +91,10 @@ impl EnvironmentSpec {
             return Err(ValidationError::new("image", "must not be empty"));
         }
         if self.image.len() > bounds.max_image_len
-            || self.image.chars().any(|c| c.is_control() || c.is_whitespace())
+            || self
+                .image
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
         {
             return Err(ValidationError::new(
                 "image",

@@ -168,6 +168,9 @@ mod tests {
         );
         let mut r = ExecutionRequest::new("env");
         r.environment.insert("A=B".into(), "x".into());
-        assert!(matches!(r.validate(), Err(InvalidExecution::BadVariableName(_))));
+        assert!(matches!(
+            r.validate(),
+            Err(InvalidExecution::BadVariableName(_))
+        ));
     }
 }

@@ -150,7 +150,7 @@ pub enum BackendError {
 /// - a runner's files survive a restart of the manager.
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
-pub trait ExecutorApi: Send + Sync + 'static {
+pub trait ExecutorApi: Send + Sync + std::fmt::Debug + 'static {
     /// Creates or replaces the environment's template on the backend.
     async fn register_environment(&self, spec: &EnvironmentSpec) -> Result<(), BackendError>;
 
@@ -173,6 +173,18 @@ pub trait ExecutorApi: Send + Sync + 'static {
     /// Records the runner's state durably.
     async fn mark_runner(&self, runner: &RunnerId, state: &RunnerState)
     -> Result<(), BackendError>;
+
+    /// Records that a used runner was active and now expires at `deadline` (wall clock). Called
+    /// often, so it may be written lazily: losing the latest value in a crash only shortens the
+    /// restored timeout. The default does nothing.
+    async fn record_activity(
+        &self,
+        runner: &RunnerId,
+        deadline: SystemTime,
+    ) -> Result<(), BackendError> {
+        let _ = (runner, deadline);
+        Ok(())
+    }
 
     /// Every runner of `environment` that still exists, with its recorded state.
     async fn load_runners(

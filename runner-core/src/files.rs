@@ -70,7 +70,9 @@ pub struct FileContent {
 
 impl fmt::Debug for FileContent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileContent").field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("FileContent")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 

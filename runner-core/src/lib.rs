@@ -8,13 +8,18 @@
 //! This crate performs no I/O of its own beyond tokio timers and channels, and depends on no HTTP
 //! stack and no backend.
 
+pub mod backoff;
 pub mod destroy;
 pub mod environment;
 pub mod error;
 pub mod execution;
 pub mod executor;
+pub mod fake;
 pub mod files;
 pub mod ids;
+mod manager;
+pub mod pool;
+pub mod timer;
 pub mod traits;
 
 pub use destroy::DestroyReason;
@@ -33,4 +38,7 @@ pub use files::{
     FileContent, FileCopy, FileError, FileFailure, FileHeader, FileUpdate, ListFilesRequest,
 };
 pub use ids::{EnvironmentId, ExecutionId, InvalidId, RunnerId};
+pub use manager::{ManagedEnvironment, ManagerConfig, RecoveryReport, RunnerManager, UsedRunner};
+pub use pool::PrewarmingPool;
+pub use timer::InactivityTimer;
 pub use traits::{Environment, Manager, PutOutcome, Runner};

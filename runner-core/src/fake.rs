@@ -1,0 +1,468 @@
+//! [`FakeExecutor`]: an in-memory [`ExecutorApi`] for tests and examples.
+//!
+//! Runners are records in memory, created at once (or after a configurable delay, or failing on
+//! demand). Executions understand a tiny command language, enough to exercise streaming,
+//! backpressure, cancellation and exit codes:
+//!
+//! | command | behaviour |
+//! |---|---|
+//! | `echo WORDS` | `WORDS\r\n` on stdout, exit 0 |
+//! | `echo-stderr WORDS` | `WORDS\n` on stderr, exit 0 |
+//! | `exit N` | exit N |
+//! | `sleep SECONDS` / `sleep infinity` | waits (tokio time), exit 0 |
+//! | `cat` | echoes stdin to stdout until stdin closes, exit 0 |
+//! | `yes` | endless `y\r\n` on stdout |
+//! | `env` | the request's variables and `CODEOCEAN=true`, one per line |
+//! | `vanish` | ends the stream without a terminal event |
+//! | anything else | `bash: <cmd>: command not found` on stderr, exit 127 |
+//!
+//! Files live in a map per runner; paths starting with `/proc/` cannot be written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::destroy::DestroyReason;
+use crate::environment::EnvironmentSpec;
+use crate::execution::{EVENT_BUFFER, ExecutionEvent, ExecutionRequest, STDIN_BUFFER};
+use crate::executor::{
+    BackendError, BackendEvent, ExecutionHandle, ExecutorApi, RecordedState, RunnerInfo,
+    RunnerRecord, RunnerState,
+};
+use crate::files::{FileContent, FileError, FileFailure, FileHeader, FileUpdate, ListFilesRequest};
+use crate::ids::{EnvironmentId, RunnerId};
+
+/// One runner of the fake backend.
+#[derive(Debug, Clone)]
+pub struct FakeRunner {
+    /// Its description.
+    pub info: RunnerInfo,
+    /// The state recorded by `mark_runner`, as `load_runners` reports it.
+    pub recorded: RecordedState,
+    /// Its files, by absolute path.
+    pub files: BTreeMap<String, Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    environments: BTreeMap<EnvironmentId, EnvironmentSpec>,
+    runners: HashMap<RunnerId, FakeRunner>,
+    destroyed: Vec<(RunnerId, DestroyReason)>,
+}
+
+/// An in-memory backend. Cloning shares the state.
+#[derive(Debug, Clone)]
+pub struct FakeExecutor {
+    state: Arc<Mutex<State>>,
+    failing_creates: Arc<AtomicU32>,
+    create_attempts: Arc<AtomicUsize>,
+    creating_now: Arc<AtomicUsize>,
+    max_concurrent_creates: Arc<AtomicUsize>,
+    create_delay: Arc<Mutex<Duration>>,
+    events_tx: mpsc::UnboundedSender<BackendEvent>,
+    events_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<BackendEvent>>>>,
+}
+
+impl Default for FakeExecutor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeExecutor {
+    /// An empty backend.
+    pub fn new() -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Self {
+            state: Arc::default(),
+            failing_creates: Arc::default(),
+            create_attempts: Arc::default(),
+            creating_now: Arc::default(),
+            max_concurrent_creates: Arc::default(),
+            create_delay: Arc::new(Mutex::new(Duration::ZERO)),
+            events_tx,
+            events_rx: Arc::new(Mutex::new(Some(events_rx))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes the next `n` runner creations fail.
+    pub fn fail_next_creates(&self, n: u32) {
+        self.failing_creates.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes every creation take `delay` (tokio time).
+    pub fn set_create_delay(&self, delay: Duration) {
+        *self
+            .create_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = delay;
+    }
+
+    /// How many creations were attempted, failed ones included.
+    pub fn create_attempts(&self) -> usize {
+        self.create_attempts.load(Ordering::SeqCst)
+    }
+
+    /// The most creations that ran at the same time.
+    pub fn max_concurrent_creates(&self) -> usize {
+        self.max_concurrent_creates.load(Ordering::SeqCst)
+    }
+
+    /// Sends an event to the manager.
+    pub fn emit(&self, event: BackendEvent) {
+        let _ = self.events_tx.send(event);
+    }
+
+    /// The runners that exist.
+    pub fn runners(&self) -> Vec<FakeRunner> {
+        self.lock().runners.values().cloned().collect()
+    }
+
+    /// One runner.
+    pub fn runner(&self, id: &RunnerId) -> Option<FakeRunner> {
+        self.lock().runners.get(id).cloned()
+    }
+
+    /// Overrides what `load_runners` reports for a runner (e.g. to simulate a lost used-mark).
+    pub fn set_recorded(&self, id: &RunnerId, recorded: RecordedState) {
+        if let Some(r) = self.lock().runners.get_mut(id) {
+            r.recorded = recorded;
+        }
+    }
+
+    /// Removes a runner as if the backend lost it, without telling the manager.
+    pub fn lose_runner(&self, id: &RunnerId) {
+        self.lock().runners.remove(id);
+    }
+
+    /// Every destruction so far, in order.
+    pub fn destroyed(&self) -> Vec<(RunnerId, DestroyReason)> {
+        self.lock().destroyed.clone()
+    }
+
+    /// The registered environments.
+    pub fn environments(&self) -> Vec<EnvironmentSpec> {
+        self.lock().environments.values().cloned().collect()
+    }
+
+    fn runner_exists(&self, id: &RunnerId) -> Result<(), BackendError> {
+        if self.lock().runners.contains_key(id) {
+            Ok(())
+        } else {
+            Err(BackendError::RunnerNotFound(id.clone()))
+        }
+    }
+}
+
+fn absolute(path: &str) -> String {
+    let joined = if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/workspace/{path}")
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+#[async_trait]
+impl ExecutorApi for FakeExecutor {
+    async fn register_environment(&self, spec: &EnvironmentSpec) -> Result<(), BackendError> {
+        self.lock().environments.insert(spec.id, spec.clone());
+        Ok(())
+    }
+
+    async fn delete_environment(&self, id: EnvironmentId) -> Result<(), BackendError> {
+        self.lock().environments.remove(&id);
+        Ok(())
+    }
+
+    async fn load_environments(&self) -> Result<Vec<EnvironmentSpec>, BackendError> {
+        Ok(self.environments())
+    }
+
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError> {
+        self.create_attempts.fetch_add(1, Ordering::SeqCst);
+        let now = self.creating_now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_concurrent_creates.fetch_max(now, Ordering::SeqCst);
+        let delay = *self
+            .create_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.creating_now.fetch_sub(1, Ordering::SeqCst);
+        let fail = self
+            .failing_creates
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(BackendError::Unreachable(
+                "injected creation failure".into(),
+            ));
+        }
+        let info = RunnerInfo {
+            id: RunnerId::generate(spec.id),
+            environment: spec.id,
+            mapped_ports: Vec::new(),
+        };
+        self.lock().runners.insert(
+            info.id.clone(),
+            FakeRunner {
+                info: info.clone(),
+                recorded: RecordedState::Idle,
+                files: BTreeMap::new(),
+            },
+        );
+        Ok(info)
+    }
+
+    async fn destroy_runner(
+        &self,
+        runner: &RunnerId,
+        reason: &DestroyReason,
+    ) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        state.runners.remove(runner);
+        state.destroyed.push((runner.clone(), reason.clone()));
+        Ok(())
+    }
+
+    async fn mark_runner(
+        &self,
+        runner: &RunnerId,
+        recorded: &RunnerState,
+    ) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        let r = state
+            .runners
+            .get_mut(runner)
+            .ok_or_else(|| BackendError::RunnerNotFound(runner.clone()))?;
+        r.recorded = match recorded {
+            RunnerState::Idle => RecordedState::Idle,
+            RunnerState::Used(u) => RecordedState::Used(*u),
+        };
+        Ok(())
+    }
+
+    async fn load_runners(
+        &self,
+        environment: EnvironmentId,
+    ) -> Result<Vec<RunnerRecord>, BackendError> {
+        Ok(self
+            .lock()
+            .runners
+            .values()
+            .filter(|r| r.info.environment == environment)
+            .map(|r| RunnerRecord {
+                info: r.info.clone(),
+                state: r.recorded,
+            })
+            .collect())
+    }
+
+    async fn execute(
+        &self,
+        runner: &RunnerId,
+        request: &ExecutionRequest,
+        cancel: CancellationToken,
+    ) -> Result<ExecutionHandle, BackendError> {
+        self.runner_exists(runner)?;
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_BUFFER);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let request = request.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = run_fake_command(request, stdin_rx, events_tx) => {}
+            }
+        });
+        Ok(ExecutionHandle {
+            stdin: stdin_tx,
+            events: events_rx,
+        })
+    }
+
+    async fn update_files(&self, runner: &RunnerId, update: &FileUpdate) -> Result<(), FileError> {
+        let mut state = self.lock();
+        let r = state
+            .runners
+            .get_mut(runner)
+            .ok_or_else(|| BackendError::RunnerNotFound(runner.clone()))?;
+        for path in &update.delete {
+            let prefix = absolute(path);
+            r.files
+                .retain(|p, _| p != &prefix && !p.starts_with(&format!("{prefix}/")));
+        }
+        let mut failures = Vec::new();
+        for copy in &update.copy {
+            let path = absolute(&copy.path);
+            if path.starts_with("/proc/") {
+                failures.push(FileFailure {
+                    path: copy.path.clone(),
+                    reason: "Cannot open: Permission denied".into(),
+                });
+                continue;
+            }
+            r.files.insert(path, copy.content.clone());
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(FileError::Partial(failures))
+        }
+    }
+
+    async fn list_files(
+        &self,
+        runner: &RunnerId,
+        request: &ListFilesRequest,
+    ) -> Result<Vec<FileHeader>, FileError> {
+        let state = self.lock();
+        let r = state
+            .runners
+            .get(runner)
+            .ok_or_else(|| BackendError::RunnerNotFound(runner.clone()))?;
+        let dir = absolute(&request.path);
+        let prefix = if dir == "/" {
+            dir.clone()
+        } else {
+            format!("{dir}/")
+        };
+        let shown = request.path.trim_end_matches('/');
+        Ok(r.files
+            .iter()
+            .filter_map(|(path, content)| {
+                let rest = path.strip_prefix(&prefix)?;
+                (request.recursive || !rest.contains('/')).then(|| FileHeader {
+                    name: format!("{shown}/{rest}"),
+                    entry_type: '-',
+                    link_target: None,
+                    size: content.len() as u64,
+                    modification_time: 0,
+                    permissions: "rwxr--r--".into(),
+                    owner: "root".into(),
+                    group: "root".into(),
+                })
+            })
+            .collect())
+    }
+
+    async fn read_file(
+        &self,
+        runner: &RunnerId,
+        path: &str,
+        _privileged: bool,
+    ) -> Result<FileContent, FileError> {
+        let state = self.lock();
+        let r = state
+            .runners
+            .get(runner)
+            .ok_or_else(|| BackendError::RunnerNotFound(runner.clone()))?;
+        let content = r
+            .files
+            .get(&absolute(path))
+            .cloned()
+            .ok_or(FileError::NotFound)?;
+        Ok(FileContent {
+            size: content.len() as u64,
+            body: futures::stream::once(async move { Ok(content) }).boxed(),
+        })
+    }
+
+    fn events(&self) -> BoxStream<'static, BackendEvent> {
+        let taken = self
+            .events_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match taken {
+            Some(mut rx) => futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
+            None => futures::stream::pending().boxed(),
+        }
+    }
+}
+
+async fn run_fake_command(
+    request: ExecutionRequest,
+    mut stdin: mpsc::Receiver<Bytes>,
+    events: mpsc::Sender<ExecutionEvent>,
+) {
+    let command = request.command.trim();
+    let (program, args) = command.split_once(' ').unwrap_or((command, ""));
+    let out = |text: String| ExecutionEvent::Stdout(Bytes::from(text));
+    let terminal = match program {
+        "echo" => {
+            let _ = events.send(out(format!("{args}\r\n"))).await;
+            ExecutionEvent::Exit(0)
+        }
+        "echo-stderr" => {
+            let _ = events
+                .send(ExecutionEvent::Stderr(Bytes::from(format!("{args}\n"))))
+                .await;
+            ExecutionEvent::Exit(0)
+        }
+        "exit" => ExecutionEvent::Exit(args.trim().parse().unwrap_or(1)),
+        "sleep" => {
+            match args.trim().parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+                    tokio::time::sleep(Duration::from_secs_f64(secs.min(1e9))).await;
+                }
+                _ => std::future::pending::<()>().await,
+            }
+            ExecutionEvent::Exit(0)
+        }
+        "cat" => {
+            while let Some(chunk) = stdin.recv().await {
+                if events.send(ExecutionEvent::Stdout(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            ExecutionEvent::Exit(0)
+        }
+        "yes" => loop {
+            if events.send(out("y\r\n".into())).await.is_err() {
+                return;
+            }
+        },
+        "env" => {
+            let mut text = String::from("CODEOCEAN=true\r\n");
+            for (k, v) in &request.environment {
+                text.push_str(&format!("{k}={v}\r\n"));
+            }
+            let _ = events.send(out(text)).await;
+            ExecutionEvent::Exit(0)
+        }
+        "vanish" => return,
+        other => {
+            let _ = events
+                .send(ExecutionEvent::Stderr(Bytes::from(format!(
+                    "bash: {other}: command not found\n"
+                ))))
+                .await;
+            ExecutionEvent::Exit(127)
+        }
+    };
+    let _ = events.send(terminal).await;
+}

@@ -1,0 +1,557 @@
+//! [`RunnerManager`]: the concrete [`Manager`] over any [`ExecutorApi`].
+//!
+//! It owns the environments with their prewarming pools, the registry of used runners and the
+//! tasks that refill pools, expire inactive runners and follow the backend's events. A claim
+//! never waits for the backend; everything that talks to the backend after a claim (marking the
+//! runner used, refilling the pool) runs in the background with capped exponential backoff.
+
+mod environment;
+mod execution;
+mod recovery;
+mod runner;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use environment::ManagedEnvironment;
+pub use recovery::RecoveryReport;
+pub use runner::UsedRunner;
+
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::destroy::DestroyReason;
+use crate::environment::{EnvironmentSpec, SpecBounds, ValidationError};
+use crate::error::ManagerError;
+use crate::executor::{BackendEvent, ExecutorApi, RunnerInfo, RunnerState, UsedState};
+use crate::ids::{EnvironmentId, RunnerId};
+use crate::traits::{Environment, Manager, PutOutcome, Runner};
+
+/// How the manager behaves; every field has a sensible default.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Bounds every environment specification must respect.
+    pub bounds: SpecBounds,
+    /// The most runners (idle targets plus used) all environments together may have.
+    pub max_runners: usize,
+    /// Runner creations running at once, over all environments.
+    pub refill_concurrency: usize,
+    /// Delays between retries of failed backend calls.
+    pub backoff: BackoffPolicy,
+    /// Attempts for background calls that must eventually succeed (mark used, destroy).
+    pub max_attempts: u32,
+    /// How long a stored execution request may wait for its WebSocket.
+    pub execution_ttl: Duration,
+    /// Most stored, not yet started execution requests per runner.
+    pub max_pending_executions: usize,
+    /// Optional cap on the output bytes of one execution.
+    pub output_limit: Option<u64>,
+    /// How long a cancelled execution may take to end before its runner is destroyed.
+    pub stop_grace: Duration,
+    /// Pool alert: `/health` fails when idle/pool is below this (0 = never).
+    pub alert_threshold: f64,
+    /// Pool alert: reload an environment's runners from the backend after it has been below the
+    /// threshold this long (`None` = never reload).
+    pub alert_reload_delay: Option<Duration>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            bounds: SpecBounds::default(),
+            max_runners: 1_000,
+            refill_concurrency: 4,
+            backoff: BackoffPolicy::default(),
+            max_attempts: 8,
+            execution_ttl: Duration::from_secs(300),
+            max_pending_executions: 256,
+            output_limit: None,
+            stop_grace: Duration::from_secs(3),
+            alert_threshold: 0.0,
+            alert_reload_delay: None,
+        }
+    }
+}
+
+/// The runner manager. Create it with [`RunnerManager::new`], call [`RunnerManager::recover`]
+/// once before serving, and [`RunnerManager::shutdown`] to stop its tasks (runners stay).
+#[derive(Debug)]
+pub struct RunnerManager {
+    backend: Arc<dyn ExecutorApi>,
+    config: ManagerConfig,
+    environments: RwLock<BTreeMap<EnvironmentId, Arc<ManagedEnvironment>>>,
+    used: RwLock<HashMap<RunnerId, Arc<UsedRunner>>>,
+    /// Serialises environment changes (PUT/DELETE/reload) so they do not interleave.
+    env_changes: tokio::sync::Mutex<()>,
+    creations: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    weak: Weak<RunnerManager>,
+}
+
+impl RunnerManager {
+    /// A manager over `backend`; it knows no environment until [`RunnerManager::recover`] or a
+    /// `put_environment`.
+    pub fn new(backend: Arc<dyn ExecutorApi>, config: ManagerConfig) -> Arc<Self> {
+        let permits = config.refill_concurrency.max(1);
+        Arc::new_cyclic(|weak| Self {
+            backend,
+            config,
+            environments: RwLock::new(BTreeMap::new()),
+            used: RwLock::new(HashMap::new()),
+            env_changes: tokio::sync::Mutex::new(()),
+            creations: Arc::new(Semaphore::new(permits)),
+            shutdown: CancellationToken::new(),
+            weak: weak.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn ExecutorApi> {
+        &self.backend
+    }
+
+    /// Stops every background task of the manager. Runners stay on the backend for the next
+    /// start; used runners' executions are not interrupted by this call.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let used: Vec<_> = self.read_used().values().cloned().collect();
+        for runner in used {
+            runner.stop_timer();
+        }
+        info!("runner manager stopped");
+    }
+
+    /// Number of used runners over all environments.
+    pub fn used_count(&self) -> usize {
+        self.read_used().len()
+    }
+
+    fn read_envs(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<EnvironmentId, Arc<ManagedEnvironment>>> {
+        self.environments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_envs(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<EnvironmentId, Arc<ManagedEnvironment>>> {
+        self.environments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_used(&self) -> std::sync::RwLockReadGuard<'_, HashMap<RunnerId, Arc<UsedRunner>>> {
+        self.used.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_used(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<RunnerId, Arc<UsedRunner>>> {
+        self.used.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn managed(&self, id: EnvironmentId) -> Option<Arc<ManagedEnvironment>> {
+        self.read_envs().get(&id).cloned()
+    }
+
+    /// Total runners counted against `max_runners`: the idle targets plus used runners.
+    fn committed_runners(&self, except: Option<EnvironmentId>) -> usize {
+        let targets: usize = self
+            .read_envs()
+            .values()
+            .filter(|e| Some(e.id()) != except)
+            .map(|e| e.target() as usize)
+            .sum();
+        targets + self.used_count()
+    }
+
+    fn check_runner_cap(&self, spec: &EnvironmentSpec) -> Result<(), ValidationError> {
+        let total = self.committed_runners(Some(spec.id)) + spec.prewarming_pool_size as usize;
+        if total > self.config.max_runners {
+            return Err(ValidationError::new(
+                "prewarmingPoolSize",
+                format!(
+                    "the runner limit of {} would be exceeded ({total} runners)",
+                    self.config.max_runners
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds an environment to the registry and starts its refill task.
+    fn install_environment(&self, spec: EnvironmentSpec) -> Arc<ManagedEnvironment> {
+        let env = ManagedEnvironment::new(spec, self.shutdown.child_token());
+        self.write_envs().insert(env.id(), Arc::clone(&env));
+        self.spawn_refill(Arc::clone(&env));
+        env
+    }
+
+    /// Destroys a runner on the backend in the background, retrying with backoff.
+    fn destroy_in_background(&self, runner: RunnerId, reason: DestroyReason) {
+        let backend = Arc::clone(&self.backend);
+        let policy = self.config.backoff;
+        let attempts = self.config.max_attempts;
+        tokio::spawn(async move {
+            destroy_with_retry(backend.as_ref(), &runner, &reason, policy, attempts).await;
+        });
+    }
+
+    /// Removes a used runner and destroys it; its running executions get `reason`'s message.
+    async fn destroy_used(&self, id: &RunnerId, reason: DestroyReason) -> Result<(), ManagerError> {
+        let runner = self
+            .write_used()
+            .remove(id)
+            .ok_or_else(|| ManagerError::UnknownRunner(id.clone()))?;
+        if let Some(env) = self.managed(runner.environment()) {
+            env.used_changed(-1);
+            self.check_pool_alert(&env);
+        }
+        runner.mark_destroyed(reason.clone());
+        info!(runner_id = %id, environment_id = %runner.environment(), reason = reason.label(), "destroying used runner");
+        if reason.is_local() {
+            return Ok(());
+        }
+        match self.backend.destroy_runner(id, &reason).await {
+            Ok(()) => {}
+            Err(err) => {
+                warn!(runner_id = %id, error = %err, "destroying runner failed; retrying in the background");
+                self.destroy_in_background(id.clone(), reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Called by a used runner's inactivity timer.
+    fn on_inactivity_timeout(&self, id: RunnerId) {
+        let Some(manager) = self.weak.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = manager
+                .destroy_used(&id, DestroyReason::InactivityTimeout)
+                .await;
+        });
+    }
+
+    /// Marks a claimed runner used on the backend, retrying with backoff.
+    fn mark_used_in_background(&self, id: RunnerId, state: UsedState) {
+        let backend = Arc::clone(&self.backend);
+        let policy = self.config.backoff;
+        let attempts = self.config.max_attempts;
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(policy);
+            loop {
+                match backend.mark_runner(&id, &RunnerState::Used(state)).await {
+                    Ok(()) => return,
+                    Err(crate::executor::BackendError::RunnerNotFound(_)) => return,
+                    Err(err) if backoff.failures() + 1 >= attempts => {
+                        warn!(runner_id = %id, error = %err, "could not mark runner used; giving up");
+                        return;
+                    }
+                    Err(err) => {
+                        let delay = backoff.fail();
+                        debug!(runner_id = %id, error = %err, ?delay, "marking runner used failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Starts following the backend's event stream.
+    fn spawn_event_loop(&self) {
+        let Some(manager) = self.weak.upgrade() else {
+            return;
+        };
+        let mut events = self.backend.events();
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    () = stop.cancelled() => return,
+                    event = events.next() => event,
+                };
+                let Some(event) = event else {
+                    debug!("backend event stream ended");
+                    return;
+                };
+                manager.handle_event(event).await;
+            }
+        });
+    }
+
+    async fn handle_event(&self, event: BackendEvent) {
+        match event {
+            BackendEvent::RunnerStopped { runner, reason } => {
+                if self.read_used().contains_key(&runner) {
+                    let _ = self.destroy_used(&runner, reason).await;
+                    return;
+                }
+                let env = runner
+                    .environment()
+                    .and_then(|e| self.managed(e))
+                    .filter(|e| e.contains_idle(&runner));
+                let env = match env {
+                    Some(env) => Some(env),
+                    None => self
+                        .read_envs()
+                        .values()
+                        .find(|e| e.contains_idle(&runner))
+                        .cloned(),
+                };
+                if let Some(env) = env {
+                    env.remove_idle(&runner);
+                    info!(runner_id = %runner, environment_id = %env.id(), reason = reason.label(), "idle runner stopped");
+                    if !reason.is_local() {
+                        self.destroy_in_background(runner, reason);
+                    }
+                    env.wake_refill();
+                    self.check_pool_alert(&env);
+                }
+            }
+            BackendEvent::RunnerStarted { info, startup } => {
+                let known = self.read_used().contains_key(&info.id)
+                    || self.read_envs().values().any(|e| e.contains_idle(&info.id));
+                if known {
+                    return;
+                }
+                match self.managed(info.environment) {
+                    Some(env) if env.offer_idle(info.clone()) => {
+                        debug!(runner_id = %info.id, ?startup, "backend started an idle runner");
+                    }
+                    _ => self.destroy_in_background(info.id, DestroyReason::Replaced),
+                }
+            }
+            BackendEvent::Resynchronize => {
+                if let Err(err) = self.reload_all().await {
+                    warn!(error = %err, "reloading runners after a backend resynchronisation failed");
+                }
+            }
+        }
+    }
+
+    /// Schedules a reload when an environment's pool stays below the alert threshold.
+    fn check_pool_alert(&self, env: &Arc<ManagedEnvironment>) {
+        let Some(delay) = self.config.alert_reload_delay else {
+            return;
+        };
+        if !env.is_depleting(self.config.alert_threshold) || !env.begin_alert() {
+            return;
+        }
+        let Some(manager) = self.weak.upgrade() else {
+            env.end_alert();
+            return;
+        };
+        let env = Arc::clone(env);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = manager.shutdown.cancelled() => {}
+                () = tokio::time::sleep(delay) => {
+                    if env.is_depleting(manager.config.alert_threshold) && manager.managed(env.id()).is_some() {
+                        warn!(environment_id = %env.id(), "prewarming pool still depleted; reloading its runners");
+                        let _guard = manager.env_changes.lock().await;
+                        if let Err(err) = manager.reload_environment(&env).await {
+                            warn!(environment_id = %env.id(), error = %err, "reloading runners failed");
+                        }
+                    }
+                }
+            }
+            env.end_alert();
+        });
+    }
+
+    fn claim_runner(
+        &self,
+        environment: EnvironmentId,
+        inactivity_timeout: Duration,
+    ) -> Result<Arc<UsedRunner>, ManagerError> {
+        let env = self
+            .managed(environment)
+            .ok_or(ManagerError::UnknownEnvironment(environment))?;
+        let info = env
+            .take_idle()
+            .ok_or(ManagerError::NoIdleRunner(environment))?;
+        env.wake_refill();
+        let runner = self.register_used(info, inactivity_timeout, None);
+        env.used_changed(1);
+        self.check_pool_alert(&env);
+        let deadline = runner.remaining().map(|r| SystemTime::now() + r);
+        self.mark_used_in_background(
+            runner.id().clone(),
+            UsedState {
+                inactivity_timeout,
+                deadline,
+            },
+        );
+        info!(runner_id = %runner.id(), environment_id = %environment, "runner claimed");
+        Ok(runner)
+    }
+
+    /// Creates the used-runner object, registers it and starts its timer.
+    fn register_used(
+        &self,
+        info: RunnerInfo,
+        inactivity_timeout: Duration,
+        remaining: Option<Duration>,
+    ) -> Arc<UsedRunner> {
+        let runner = UsedRunner::new(
+            info,
+            inactivity_timeout,
+            remaining,
+            Arc::clone(&self.backend),
+            runner::RunnerSettings::from(&self.config),
+            self.weak.clone(),
+        );
+        self.write_used()
+            .insert(runner.id().clone(), Arc::clone(&runner));
+        let weak = self.weak.clone();
+        let id = runner.id().clone();
+        runner.start_timer(move || {
+            if let Some(manager) = weak.upgrade() {
+                manager.on_inactivity_timeout(id);
+            }
+        });
+        runner
+    }
+}
+
+/// Destroys `runner`, retrying failures with capped backoff up to `attempts` times.
+async fn destroy_with_retry(
+    backend: &dyn ExecutorApi,
+    runner: &RunnerId,
+    reason: &DestroyReason,
+    policy: BackoffPolicy,
+    attempts: u32,
+) {
+    let mut backoff = Backoff::new(policy);
+    loop {
+        match backend.destroy_runner(runner, reason).await {
+            Ok(()) => return,
+            Err(err) if backoff.failures() + 1 >= attempts => {
+                warn!(runner_id = %runner, error = %err, "could not destroy runner; giving up");
+                return;
+            }
+            Err(err) => {
+                let delay = backoff.fail();
+                debug!(runner_id = %runner, error = %err, ?delay, "destroying runner failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Manager for RunnerManager {
+    async fn put_environment(&self, spec: EnvironmentSpec) -> Result<PutOutcome, ManagerError> {
+        spec.validate(&self.config.bounds)?;
+        let _guard = self.env_changes.lock().await;
+        self.check_runner_cap(&spec)?;
+        self.backend.register_environment(&spec).await?;
+        let Some(env) = self.managed(spec.id) else {
+            info!(environment_id = %spec.id, "environment created");
+            self.install_environment(spec);
+            return Ok(PutOutcome::Created);
+        };
+        let old = env.spec();
+        let stale = if old.differs_only_in_pool_size(&spec) {
+            info!(environment_id = %spec.id, pool = spec.prewarming_pool_size, "environment pool resized");
+            env.resize(spec.prewarming_pool_size)
+        } else {
+            info!(environment_id = %spec.id, "environment replaced; idle runners are recreated");
+            env.replace(spec)
+        };
+        for info in stale {
+            self.destroy_in_background(info.id, DestroyReason::EnvironmentUpdated);
+        }
+        env.wake_refill();
+        Ok(PutOutcome::Replaced)
+    }
+
+    async fn delete_environment(&self, id: EnvironmentId) -> Result<(), ManagerError> {
+        let _guard = self.env_changes.lock().await;
+        let env = self
+            .write_envs()
+            .remove(&id)
+            .ok_or(ManagerError::UnknownEnvironment(id))?;
+        let idle = env.close();
+        let used: Vec<RunnerId> = self
+            .read_used()
+            .values()
+            .filter(|r| r.environment() == id)
+            .map(|r| r.id().clone())
+            .collect();
+        let reason = DestroyReason::EnvironmentDeleted;
+        let destroy_idle = idle.into_iter().map(|info| {
+            let backend = Arc::clone(&self.backend);
+            let reason = reason.clone();
+            let policy = self.config.backoff;
+            let attempts = self.config.max_attempts;
+            async move {
+                destroy_with_retry(backend.as_ref(), &info.id, &reason, policy, attempts).await;
+            }
+        });
+        let destroy_used = used.iter().map(|r| self.destroy_used(r, reason.clone()));
+        futures::future::join(
+            futures::future::join_all(destroy_idle),
+            futures::future::join_all(destroy_used),
+        )
+        .await;
+        self.backend.delete_environment(id).await?;
+        info!(environment_id = %id, "environment deleted");
+        Ok(())
+    }
+
+    fn environment(&self, id: EnvironmentId) -> Option<Arc<dyn Environment>> {
+        self.managed(id).map(|e| e as Arc<dyn Environment>)
+    }
+
+    fn environments(&self) -> Vec<Arc<dyn Environment>> {
+        self.read_envs()
+            .values()
+            .map(|e| Arc::clone(e) as Arc<dyn Environment>)
+            .collect()
+    }
+
+    fn claim(
+        &self,
+        environment: EnvironmentId,
+        inactivity_timeout: Duration,
+    ) -> Result<Arc<dyn Runner>, ManagerError> {
+        self.claim_runner(environment, inactivity_timeout)
+            .map(|r| r as Arc<dyn Runner>)
+    }
+
+    fn runner(&self, id: &RunnerId) -> Result<Arc<dyn Runner>, ManagerError> {
+        self.read_used()
+            .get(id)
+            .cloned()
+            .map(|r| r as Arc<dyn Runner>)
+            .ok_or_else(|| ManagerError::UnknownRunner(id.clone()))
+    }
+
+    async fn return_runner(&self, id: &RunnerId) -> Result<(), ManagerError> {
+        self.destroy_used(id, DestroyReason::ApiRequest).await
+    }
+
+    fn depleting_environments(&self) -> Vec<EnvironmentId> {
+        if self.config.alert_threshold <= 0.0 {
+            return Vec::new();
+        }
+        self.read_envs()
+            .values()
+            .filter(|e| e.is_depleting(self.config.alert_threshold))
+            .map(|e| e.id())
+            .collect()
+    }
+}

@@ -1,0 +1,190 @@
+//! Recovery: rebuilding the manager's state from the backend after a restart, and reloading an
+//! environment's runners when the pool alert or the backend asks for it.
+//!
+//! Rules: used runners keep their files and their remaining inactivity timeout; idle runners
+//! refill the pool up to its target; a runner whose state is uncertain, that appears twice, or
+//! that the pool does not need is destroyed; nothing is ever handed out twice.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use super::{ManagedEnvironment, RunnerManager};
+use crate::destroy::DestroyReason;
+use crate::error::ManagerError;
+use crate::executor::{RecordedState, RunnerRecord};
+use crate::ids::RunnerId;
+use crate::traits::Runner;
+
+/// What a recovery found, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Environments restored.
+    pub environments: usize,
+    /// Used runners reattached.
+    pub used: usize,
+    /// Idle runners put back into pools.
+    pub idle: usize,
+    /// Runners destroyed (uncertain, duplicate, surplus or expired).
+    pub destroyed: usize,
+}
+
+impl RunnerManager {
+    /// Restores environments and runners from the backend and starts the background tasks. Call
+    /// once, before serving.
+    pub async fn recover(&self) -> Result<RecoveryReport, ManagerError> {
+        let _guard = self.env_changes.lock().await;
+        let specs = self.backend.load_environments().await?;
+        let mut report = RecoveryReport::default();
+        for spec in specs {
+            if self.managed(spec.id).is_some() {
+                continue;
+            }
+            let env =
+                super::environment::ManagedEnvironment::new(spec, self.shutdown.child_token());
+            self.write_envs().insert(env.id(), Arc::clone(&env));
+            report.environments += 1;
+            match self.reload_environment_counting(&env, &mut report).await {
+                Ok(()) => {}
+                Err(err) => {
+                    warn!(environment_id = %env.id(), error = %err, "loading runners failed")
+                }
+            }
+            self.spawn_refill(env);
+        }
+        self.spawn_event_loop();
+        info!(
+            environments = report.environments,
+            used = report.used,
+            idle = report.idle,
+            destroyed = report.destroyed,
+            "recovered from the backend"
+        );
+        Ok(report)
+    }
+
+    /// Reloads every environment's runners from the backend.
+    pub(super) async fn reload_all(&self) -> Result<(), ManagerError> {
+        let _guard = self.env_changes.lock().await;
+        let envs: Vec<_> = self.read_envs().values().cloned().collect();
+        for env in envs {
+            self.reload_environment(&env).await?;
+        }
+        Ok(())
+    }
+
+    /// Reconciles one environment with the backend's runner records. The caller holds
+    /// `env_changes`.
+    pub(super) async fn reload_environment(
+        &self,
+        env: &Arc<ManagedEnvironment>,
+    ) -> Result<(), ManagerError> {
+        let mut report = RecoveryReport::default();
+        self.reload_environment_counting(env, &mut report).await
+    }
+
+    async fn reload_environment_counting(
+        &self,
+        env: &Arc<ManagedEnvironment>,
+        report: &mut RecoveryReport,
+    ) -> Result<(), ManagerError> {
+        let records = self.backend.load_runners(env.id()).await?;
+        let mut seen: HashSet<RunnerId> = HashSet::new();
+        let mut duplicates: HashSet<RunnerId> = HashSet::new();
+        for record in &records {
+            if !seen.insert(record.info.id.clone()) {
+                duplicates.insert(record.info.id.clone());
+            }
+        }
+        // Runners we hold that the backend no longer has are gone.
+        let lost_used: Vec<RunnerId> = self
+            .read_used()
+            .values()
+            .filter(|r| r.environment() == env.id() && !seen.contains(r.id()))
+            .map(|r| r.id().clone())
+            .collect();
+        for id in lost_used {
+            let _ = self
+                .destroy_used(
+                    &id,
+                    DestroyReason::Stopped("the backend lost the runner".into()),
+                )
+                .await;
+        }
+        env.retain_idle(|id| seen.contains(id) && !duplicates.contains(id));
+
+        let mut handled: HashSet<RunnerId> = HashSet::new();
+        for RunnerRecord { info, state } in records {
+            if !handled.insert(info.id.clone()) {
+                continue;
+            }
+            if duplicates.contains(&info.id) {
+                warn!(runner_id = %info.id, "runner recorded twice; destroying it");
+                self.forget_and_destroy(&info.id, DestroyReason::Replaced)
+                    .await;
+                report.destroyed += 1;
+                continue;
+            }
+            let used_here = self.read_used().contains_key(&info.id);
+            if used_here {
+                // Still held by a client of this process: keep the object (and its executions).
+                continue;
+            }
+            match state {
+                RecordedState::Used(used) => {
+                    let remaining = used.deadline.map(|d| {
+                        d.duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO)
+                    });
+                    if !used.inactivity_timeout.is_zero() && remaining == Some(Duration::ZERO) {
+                        info!(runner_id = %info.id, "used runner expired while the manager was down");
+                        self.destroy_in_background(info.id, DestroyReason::InactivityTimeout);
+                        report.destroyed += 1;
+                        continue;
+                    }
+                    if env.remove_idle(&info.id).is_some() {
+                        warn!(runner_id = %info.id, "runner was idle here but is recorded used; treating it as used");
+                    }
+                    self.register_used(info, used.inactivity_timeout, remaining);
+                    env.used_changed(1);
+                    report.used += 1;
+                }
+                RecordedState::Idle => {
+                    if env.contains_idle(&info.id) {
+                        continue;
+                    }
+                    if env.offer_idle(info.clone()) {
+                        report.idle += 1;
+                    } else {
+                        self.destroy_in_background(info.id, DestroyReason::EnvironmentUpdated);
+                        report.destroyed += 1;
+                    }
+                }
+                RecordedState::Uncertain => {
+                    if env.remove_idle(&info.id).is_some() {
+                        // It was idle in this very process, so its state is known after all.
+                        env.offer_idle(info);
+                        continue;
+                    }
+                    info!(runner_id = %info.id, "runner state uncertain after a crash; destroying it");
+                    self.destroy_in_background(info.id, DestroyReason::Replaced);
+                    report.destroyed += 1;
+                }
+            }
+        }
+        env.wake_refill();
+        Ok(())
+    }
+
+    async fn forget_and_destroy(&self, id: &RunnerId, reason: DestroyReason) {
+        if self.destroy_used(id, reason.clone()).await.is_ok() {
+            return;
+        }
+        for env in self.read_envs().values() {
+            env.remove_idle(id);
+        }
+        self.destroy_in_background(id.clone(), reason);
+    }
+}
