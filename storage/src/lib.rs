@@ -1,1 +1,58 @@
-//! Durable embedded store for environment and runner records (being written).
+//! The durable embedded store for environment and runner records.
+//!
+//! [`StateStore`] keeps what the local backend must find again after a restart (SIGTERM or
+//! `kill -9`): environments, runners with their mapped ports and the adapter's opaque sandbox
+//! handle, and each runner's claimed/idle state with its inactivity timeout and deadline. It
+//! knows nothing about sandboxes or pools; it never decides what a record means.
+//!
+//! # Why redb and not SQLite
+//! - Pure Rust: no C toolchain or bundled `libsqlite3` to build, and no `unsafe` FFI boundary.
+//! - ACID transactions whose commit is fsync'd before it returns, on copy-on-write B-trees with
+//!   checksummed commit slots: a `kill -9` or power loss mid-commit leaves the previous commit
+//!   intact, and the next open repairs to it (tested with a real SIGKILL in `tests/crash.rs`).
+//! - Durability is chosen per transaction (`Durability::Immediate` or `None`), which is exactly
+//!   the split this store needs between a claim's used-mark and a deadline refresh; SQLite only
+//!   has a per-connection `synchronous` pragma.
+//! - A typed key-value API is all the store needs: no SQL, no schema migrations beyond a
+//!   version number.
+//!
+//! # Durability
+//! | write | durability | why |
+//! |---|---|---|
+//! | [`StateStore::put_environment`], [`StateStore::remove_environment`] | durable | environments are the operator's configuration |
+//! | [`StateStore::put_runner`], [`StateStore::remove_runner`] | durable | a lost record leaks a sandbox or resurrects a destroyed one |
+//! | [`StateStore::set_runner_state`] | durable | a lost used-mark would hand a claimed runner out twice |
+//! | [`StateStore::refresh_deadline`] | eventual | the hot path; a lost refresh only makes a used runner expire earlier |
+//!
+//! Durable means fsync'd before the call returns. Eventual means visible at once and on disk
+//! with the next durable commit (any durable write, [`StateStore::flush`], [`StateStore::close`],
+//! or an eventual write more than a second after the last durable commit).
+//!
+//! # What it costs
+//! Measured by `cargo bench -p storage` (`benches/commit_cost.rs`), on a file on the same
+//! filesystem as the work tree, one writer:
+//!
+//! | write | median | p99 |
+//! |---|---|---|
+//! | [`StateStore::set_runner_state`] to `Used` (durable) | 0.3–0.75 ms | 0.85–8.4 ms |
+//! | [`StateStore::put_runner`] (durable insert) | 0.33–0.57 ms | 6.5–9.2 ms |
+//! | [`StateStore::refresh_deadline`] (eventual) | 11 µs | 26–34 µs |
+//! | [`StateStore::flush`] with nothing pending | 0.13–0.17 ms | 0.18–0.28 ms |
+//!
+//! (Three runs of 500 samples on a virtio disk, 2 cores shared with three parallel builds; the
+//! p99 of durable writes is fsync queueing behind the other builds' I/O.) An eventual refresh is
+//! 30–70 times cheaper than a durable write at the median, which is why the per-operation
+//! deadline refresh is the one eventual write: a claim pays one fsync, an operation none.
+//!
+//! # Shutdown
+//! [`StateStore::open`] durably writes an "open" marker that [`StateStore::close`] removes;
+//! [`StateStore::previous_shutdown_was_clean`] reports whether the previous holder closed the
+//! store, so a caller can treat records of a crashed run with suspicion.
+
+mod error;
+mod record;
+mod store;
+
+pub use error::StoreError;
+pub use record::StoredRunner;
+pub use store::StateStore;

@@ -1,0 +1,178 @@
+//! Crash safety with a real `kill -9`: every write acknowledged before the kill is there after
+//! reopening.
+//!
+//! The test re-executes its own binary as the writer (selected by an environment variable passed
+//! to the child only), reads the writer's acknowledgements from a pipe, SIGKILLs it mid-stream,
+//! then reopens the store in this process.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::{environment, runner, used};
+use runner_core::{RunnerId, RunnerState};
+use storage::StateStore;
+
+/// Set (to the store path) only in the child's environment.
+const CHILD_STORE_VAR: &str = "STORAGE_CRASH_TEST_STORE";
+/// How many acknowledgements the parent waits for before it kills the writer.
+const ACKS_BEFORE_KILL: usize = 60;
+/// The writer stops by itself after this many rounds, should the parent never kill it.
+const MAX_ROUNDS: u64 = 100_000;
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    if let Some(path) = std::env::var_os(CHILD_STORE_VAR) {
+        write_until_killed(PathBuf::from(path));
+        return;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let mut child = KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "acknowledged_writes_survive_kill_9",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_STORE_VAR, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+
+    let mut acked = Vec::new();
+    while acked.len() < ACKS_BEFORE_KILL {
+        let line = lines
+            .next()
+            .expect("the writer ended before it was killed")
+            .unwrap();
+        if let Some(ack) = line.strip_prefix("ACK ") {
+            acked.push(ack.to_owned());
+        }
+    }
+    child.0.kill().unwrap();
+    let status = child.0.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the writer died of SIGKILL: {status:?}"
+    );
+    // Acknowledgements written before the kill and still in the pipe count as well.
+    for line in lines {
+        if let Some(ack) = line.unwrap().strip_prefix("ACK ") {
+            acked.push(ack.to_owned());
+        }
+    }
+
+    let store = StateStore::open(&path).unwrap();
+    assert!(!store.previous_shutdown_was_clean());
+    let runners: BTreeMap<_, _> = store
+        .runners()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    let environments = store.environments().unwrap();
+
+    let mut checked = 0;
+    for ack in &acked {
+        let mut words = ack.split(' ');
+        match (words.next(), words.next()) {
+            (Some("env"), Some(id)) => {
+                let expected = environment(id.parse().unwrap());
+                assert!(
+                    environments.contains(&expected),
+                    "environment {id} was lost"
+                );
+            }
+            (Some("put"), Some(round)) => {
+                let expected = runner(&runner_id(round.parse().unwrap()), 1, RunnerState::Idle);
+                let found = runners
+                    .get(&expected.id)
+                    .unwrap_or_else(|| panic!("{ack} was lost"));
+                // A later acknowledged used-mark may have replaced the idle state.
+                assert_eq!(found.backend_data, expected.backend_data, "{ack}");
+                assert_eq!(found.mapped_ports, expected.mapped_ports, "{ack}");
+            }
+            (Some("used"), Some(round)) => {
+                let round: u64 = round.parse().unwrap();
+                let found = &runners[&RunnerId::new(runner_id(round))];
+                let RunnerState::Used(state) = found.state else {
+                    panic!("the used-mark of round {round} was lost: {found:?}");
+                };
+                let RunnerState::Used(marked) = used(30, Some(deadline_ms(round, 0))) else {
+                    unreachable!()
+                };
+                assert_eq!(state.inactivity_timeout, marked.inactivity_timeout);
+                // Eventual refreshes only ever move the deadline later.
+                assert!(
+                    state.deadline >= marked.deadline,
+                    "round {round}: {state:?}"
+                );
+            }
+            _ => panic!("unexpected acknowledgement {ack:?}"),
+        }
+        checked += 1;
+    }
+    assert!(checked >= ACKS_BEFORE_KILL);
+}
+
+fn runner_id(round: u64) -> String {
+    format!("1-round-{round:06}")
+}
+
+fn deadline_ms(round: u64, refresh: u64) -> u64 {
+    1_700_000_000_000 + round * 1_000 + refresh
+}
+
+/// The child: durable writes, each acknowledged on stdout once the call returned, mixed with
+/// unacknowledged eventual refreshes, until the parent kills it.
+fn write_until_killed(path: PathBuf) {
+    let store = StateStore::open(&path).unwrap();
+    let mut out = std::io::stdout().lock();
+    let mut ack = |text: String| {
+        writeln!(out, "ACK {text}").unwrap();
+        out.flush().unwrap();
+    };
+    for round in 0..MAX_ROUNDS {
+        if round.is_multiple_of(10) {
+            store.put_environment(&environment(round)).unwrap();
+            ack(format!("env {round}"));
+        }
+        let id = runner_id(round);
+        store
+            .put_runner(&runner(&id, 1, RunnerState::Idle))
+            .unwrap();
+        ack(format!("put {round}"));
+        let id = RunnerId::new(id);
+        store
+            .set_runner_state(&id, &used(30, Some(deadline_ms(round, 0))))
+            .unwrap();
+        ack(format!("used {round}"));
+        for refresh in 1..=3 {
+            store
+                .refresh_deadline(&id, common::at_ms(deadline_ms(round, refresh)))
+                .unwrap();
+        }
+    }
+}
+
+/// Kills the child if the test fails before it does.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
