@@ -1,0 +1,434 @@
+//! Configuration (design §5): a YAML file overridden by `POSEIDON_<SECTION>_<KEY>` variables.
+//!
+//! Poseidon's keys keep their meaning (except `nomad.enabled`, which defaults to `false`); our
+//! own keys use the same lower-case, underscore-free scheme so every key has a variable. Keys
+//! this server does not use (`sentry.*`, `aws.*`, …) are accepted and ignored. Every invalid
+//! value is reported with its key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Yaml};
+use runner_core::{ManagerConfig, SpecBounds};
+use serde::{Deserialize, Serialize};
+
+use crate::dto::ExecutionEnvironment;
+use crate::state::ApiSettings;
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn invalid(key: &str, problem: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("`{key}`: {problem}"))
+}
+
+/// `server.tls`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// Serve HTTPS.
+    pub active: bool,
+    /// PEM certificate chain.
+    pub certfile: String,
+    /// PEM private key.
+    pub keyfile: String,
+    /// CA file (accepted for compatibility; used by clients of this server).
+    pub cafile: String,
+}
+
+/// `server.alert`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AlertConfig {
+    /// `/health` answers 503 when an environment's idle/pool ratio is below this (0 = never).
+    pub prewarmingpoolthreshold: f64,
+    /// Seconds below the threshold before an environment's runners are reloaded (0 = never).
+    pub prewarmingpoolreloadtimeout: u64,
+}
+
+/// `server`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub address: String,
+    /// Listen port (0 picks a free one).
+    pub port: u16,
+    /// `Poseidon-Token`; empty disables authentication.
+    pub token: String,
+    /// HTTPS.
+    pub tls: TlsConfig,
+    /// Pool alerts.
+    pub alert: AlertConfig,
+    /// Largest request body in bytes (ours).
+    pub bodylimit: u64,
+    /// Seconds open execution streams may run on after SIGTERM (ours).
+    pub shutdowngrace: u64,
+    /// `local` (sandboxes on this machine) or `fake` (in-memory, runs nothing; for API tests) (ours).
+    pub backend: String,
+    /// Poseidon's keys that this server does not use, accepted for compatibility.
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, figment::value::Value>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1".into(),
+            port: 7200,
+            token: String::new(),
+            tls: TlsConfig::default(),
+            alert: AlertConfig::default(),
+            bodylimit: 64 * 1024 * 1024,
+            shutdowngrace: 15,
+            backend: "local".into(),
+            ignored: BTreeMap::new(),
+        }
+    }
+}
+
+/// `nomad`: accepted; the Nomad backend is not part of this build.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NomadConfig {
+    /// Use the Nomad backend (default false here).
+    pub enabled: bool,
+    /// Other keys (`address`, `port`, `token`, `namespace`, `tls.*`, `network.*`, …).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, figment::value::Value>,
+}
+
+/// `local`: the embedded backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LocalConfig {
+    /// Where the backend keeps its store and the runners' writable layers.
+    pub datadir: PathBuf,
+    /// Image name → root filesystem directory; an image not listed runs on the host's system
+    /// directories (allow-list).
+    pub images: BTreeMap<String, PathBuf>,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            datadir: PathBuf::from("./poseidon-data"),
+            images: BTreeMap::new(),
+        }
+    }
+}
+
+/// `limits`: bounds on what clients may ask for (ours).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Largest `prewarmingPoolSize`.
+    pub maxpoolsize: u32,
+    /// Smallest `memoryLimit` in MB (0 always means the default).
+    pub minmemory: u32,
+    /// Largest `memoryLimit` in MB.
+    pub maxmemory: u32,
+    /// Largest `cpuLimit` in MHz.
+    pub maxcpu: u32,
+    /// Most runners (idle and used) over all environments.
+    pub maxrunners: usize,
+    /// Seconds an execution id stays valid if never connected.
+    pub executionidexpiry: u64,
+    /// Output bytes after which an execution is ended with an error (0 = no cap).
+    pub outputlimit: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let bounds = SpecBounds::default();
+        let manager = ManagerConfig::default();
+        Self {
+            maxpoolsize: bounds.max_pool_size,
+            minmemory: bounds.min_memory_mb,
+            maxmemory: bounds.max_memory_mb,
+            maxcpu: bounds.max_cpu_mhz,
+            maxrunners: manager.max_runners,
+            executionidexpiry: manager.execution_ttl.as_secs(),
+            outputlimit: 0,
+        }
+    }
+}
+
+/// `logger`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoggerConfig {
+    /// `trace`, `debug`, `info`, `warn`, `error` (logrus names accepted, any case).
+    pub level: String,
+    /// `TextFormatter` or `JSONFormatter` (`text`/`json` accepted).
+    pub formatter: String,
+}
+
+impl Default for LoggerConfig {
+    fn default() -> Self {
+        Self {
+            level: "INFO".into(),
+            formatter: "TextFormatter".into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// HTTP server.
+    pub server: ServerConfig,
+    /// Nomad backend (not available in this build).
+    pub nomad: NomadConfig,
+    /// Embedded backend.
+    pub local: LocalConfig,
+    /// Client bounds.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub logger: LoggerConfig,
+    /// InfluxDB (accepted; not exported by this build).
+    pub influxdb: BTreeMap<String, figment::value::Value>,
+    /// Sentry (accepted; `sentry.release` feeds `/version`).
+    pub sentry: BTreeMap<String, figment::value::Value>,
+    /// Environments created at start-up when they do not exist yet.
+    pub environments: Vec<ExecutionEnvironment>,
+}
+
+impl Config {
+    /// Reads `file` (a missing file means defaults) and the `POSEIDON_*` variables of `env`.
+    pub fn load(
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if file.exists() {
+            figment = figment.merge(Yaml::file_exact(file));
+        }
+        let vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("POSEIDON_"))
+            .collect();
+        for (key, value) in vars {
+            let path = key["POSEIDON_".len()..].to_lowercase().replace('_', ".");
+            figment = figment.merge(Serialized::default(&path, value));
+        }
+        // Lossy: variable values are text and become numbers or booleans where a key needs one
+        // (`POSEIDON_SERVER_PORT=abc` still fails, naming the key).
+        let config: Config = figment.extract_lossy().map_err(|e| {
+            let key = e.path.join(".");
+            let kind = e.kind.to_string();
+            if key.is_empty() {
+                ConfigError(kind)
+            } else {
+                invalid(&key, kind)
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.nomad.enabled {
+            return Err(invalid(
+                "nomad.enabled",
+                "the Nomad backend is not available in this build; set it to false to use the embedded backend",
+            ));
+        }
+        if self.server.address.parse::<IpAddr>().is_err() && self.server.address != "localhost" {
+            return Err(invalid("server.address", "must be an IP address"));
+        }
+        if self.server.tls.active {
+            if self.server.tls.certfile.is_empty() {
+                return Err(invalid(
+                    "server.tls.certfile",
+                    "required when server.tls.active is true",
+                ));
+            }
+            if self.server.tls.keyfile.is_empty() {
+                return Err(invalid(
+                    "server.tls.keyfile",
+                    "required when server.tls.active is true",
+                ));
+            }
+        }
+        let threshold = self.server.alert.prewarmingpoolthreshold;
+        if !(0.0..1.0).contains(&threshold) {
+            return Err(invalid(
+                "server.alert.prewarmingpoolthreshold",
+                "must be in [0, 1)",
+            ));
+        }
+        if self.server.bodylimit == 0 || usize::try_from(self.server.bodylimit).is_err() {
+            return Err(invalid(
+                "server.bodylimit",
+                "must be a positive number of bytes",
+            ));
+        }
+        if !matches!(self.server.backend.as_str(), "local" | "fake") {
+            return Err(invalid("server.backend", "must be `local` or `fake`"));
+        }
+        if self.local.datadir.as_os_str().is_empty() {
+            return Err(invalid("local.datadir", "must not be empty"));
+        }
+        if self.limits.minmemory > self.limits.maxmemory {
+            return Err(invalid(
+                "limits.minmemory",
+                "must not exceed limits.maxmemory",
+            ));
+        }
+        if self.limits.maxrunners == 0 {
+            return Err(invalid("limits.maxrunners", "must be positive"));
+        }
+        if self.limits.executionidexpiry == 0 {
+            return Err(invalid("limits.executionidexpiry", "must be positive"));
+        }
+        crate::telemetry::level_filter(&self.logger.level)
+            .map_err(|e| invalid("logger.level", e))?;
+        crate::telemetry::Format::parse(&self.logger.formatter)
+            .map_err(|e| invalid("logger.formatter", e))?;
+        for (i, env) in self.environments.iter().enumerate() {
+            if runner_core::EnvironmentId::new(env.id).is_none() {
+                return Err(invalid(&format!("environments[{i}].id"), "is out of range"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket address to listen on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let ip = if self.server.address == "localhost" {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.server
+                .address
+                .parse()
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+        };
+        SocketAddr::new(ip, self.server.port)
+    }
+
+    /// The bounds on environment specifications.
+    pub fn bounds(&self) -> SpecBounds {
+        SpecBounds {
+            max_pool_size: self.limits.maxpoolsize,
+            min_memory_mb: self.limits.minmemory,
+            max_memory_mb: self.limits.maxmemory,
+            max_cpu_mhz: self.limits.maxcpu,
+            ..SpecBounds::default()
+        }
+    }
+
+    /// The manager's configuration.
+    pub fn manager_config(&self) -> ManagerConfig {
+        let reload = self.server.alert.prewarmingpoolreloadtimeout;
+        ManagerConfig {
+            bounds: self.bounds(),
+            max_runners: self.limits.maxrunners,
+            execution_ttl: Duration::from_secs(self.limits.executionidexpiry),
+            output_limit: (self.limits.outputlimit > 0).then_some(self.limits.outputlimit),
+            alert_threshold: self.server.alert.prewarmingpoolthreshold,
+            alert_reload_delay: (reload > 0).then(|| Duration::from_secs(reload)),
+            ..ManagerConfig::default()
+        }
+    }
+
+    /// What `/version` answers: `sentry.release`, else this crate's version.
+    pub fn release(&self) -> String {
+        self.sentry
+            .get("release")
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| env!("CARGO_PKG_VERSION").to_string(), str::to_string)
+    }
+
+    /// The HTTP layer's settings.
+    pub fn api_settings(&self, bound: SocketAddr) -> ApiSettings {
+        ApiSettings {
+            token: (!self.server.token.is_empty()).then(|| self.server.token.clone()),
+            tls: self.server.tls.active,
+            release: self.release(),
+            body_limit: usize::try_from(self.server.bodylimit).unwrap_or(usize::MAX),
+            bounds: self.bounds(),
+            fallback_host: bound.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_without_file_match_poseidon() {
+        let c = Config::load(Path::new("/nonexistent/configuration.yaml"), vars(&[]))
+            .expect("defaults");
+        assert_eq!(c.listen_addr().to_string(), "127.0.0.1:7200");
+        assert!(!c.nomad.enabled);
+        assert!(c.server.token.is_empty());
+        assert_eq!(c.server.bodylimit, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            f,
+            "server:\n  port: 8000\n  token: filetoken\n  alert:\n    prewarmingpoolthreshold: 0.5\nlocal:\n  datadir: /tmp/x\nsentry:\n  dsn: ''\n  release: abc\ninfluxdb:\n  url: ''\naws:\n  enabled: false\n"
+        )
+        .expect("write");
+        let c = Config::load(
+            f.path(),
+            vars(&[
+                ("POSEIDON_SERVER_PORT", "9000"),
+                ("POSEIDON_SERVER_TOKEN", "12345"),
+                ("POSEIDON_LOCAL_DATADIR", "/tmp/y"),
+                ("POSEIDON_LOG_FILE", "/tmp/log"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.server.port, 9000);
+        assert_eq!(c.server.token, "12345");
+        assert_eq!(c.local.datadir, PathBuf::from("/tmp/y"));
+        assert!((c.server.alert.prewarmingpoolthreshold - 0.5).abs() < f64::EPSILON);
+        assert_eq!(c.release(), "abc");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let none = Path::new("/nonexistent.yaml");
+        let msg = |v: &[(&str, &str)]| {
+            Config::load(none, vars(v))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(msg(&[("POSEIDON_SERVER_PORT", "abc")]).contains("server.port"));
+        assert!(msg(&[("POSEIDON_SERVER_PORT", "70000")]).contains("server.port"));
+        assert!(msg(&[("POSEIDON_NOMAD_ENABLED", "true")]).contains("nomad.enabled"));
+        assert!(msg(&[("POSEIDON_LOGGER_LEVEL", "loud")]).contains("logger.level"));
+        assert!(msg(&[("POSEIDON_SERVER_TLS_ACTIVE", "true")]).contains("server.tls.certfile"));
+        assert!(msg(&[("POSEIDON_SERVER_BODYLIMIT", "-1")]).contains("server.bodylimit"));
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(f, "server: [unclosed").expect("write");
+        assert!(Config::load(f.path(), vars(&[])).is_err());
+    }
+}

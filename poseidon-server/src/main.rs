@@ -1,0 +1,113 @@
+//! `poseidon-server`: parse arguments, load the configuration, build the backend and the
+//! manager, recover, and serve until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use poseidon_server::config::Config;
+use poseidon_server::serve::{self, TlsFiles};
+use poseidon_server::{AppState, app, telemetry};
+use runner_core::{EnvironmentId, EnvironmentSpec, ExecutorApi, Manager, RunnerManager};
+
+/// A code-execution runner manager with Poseidon's HTTP API v1.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The YAML configuration file (a missing file means defaults; POSEIDON_* variables override it).
+    #[arg(long, default_value = "./configuration.yaml")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("poseidon-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&config.logger.level, &config.logger.formatter);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("poseidon-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("poseidon-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let backend: Arc<dyn ExecutorApi> = match config.server.backend.as_str() {
+        "fake" => {
+            tracing::warn!("using the in-memory fake backend: executions run nothing real");
+            Arc::new(runner_core::fake::FakeExecutor::new())
+        }
+        _ => anyhow::bail!(
+            "the local backend is not available in this build yet; set server.backend: fake (POSEIDON_SERVER_BACKEND=fake) for an in-memory backend"
+        ),
+    };
+    let manager = RunnerManager::new(backend, config.manager_config());
+    let report = manager
+        .recover()
+        .await
+        .context("recovering runners from the backend")?;
+    tracing::info!(?report, "recovered");
+    for declared in &config.environments {
+        let id = EnvironmentId::new(declared.id).context("declared environment id")?;
+        if manager.environment(id).is_none() {
+            let spec = EnvironmentSpec {
+                id,
+                image: declared.image.clone(),
+                prewarming_pool_size: declared.prewarming_pool_size,
+                cpu_limit: declared.cpu_limit,
+                memory_limit: declared.memory_limit,
+                network_access: declared.network_access,
+                exposed_ports: declared.exposed_ports.clone(),
+            };
+            manager
+                .put_environment(spec)
+                .await
+                .with_context(|| format!("creating declared environment {id}"))?;
+        }
+    }
+
+    let listener = std::net::TcpListener::bind(config.listen_addr())
+        .with_context(|| format!("binding {}", config.listen_addr()))?;
+    let bound = listener.local_addr()?;
+    let tls = if config.server.tls.active {
+        Some(serve::tls_config(&TlsFiles {
+            cert: config.server.tls.certfile.clone().into(),
+            key: config.server.tls.keyfile.clone().into(),
+        })?)
+    } else {
+        None
+    };
+    let state = AppState::new(manager.clone(), config.api_settings(bound));
+    let streams = state.streams.clone();
+    let grace = Duration::from_secs(config.server.shutdowngrace);
+    serve::serve(
+        listener,
+        app(state),
+        tls,
+        streams,
+        grace,
+        serve::shutdown_signal(),
+    )
+    .await?;
+    manager.shutdown().await;
+    tracing::info!("stopped; runners stay for the next start");
+    Ok(())
+}

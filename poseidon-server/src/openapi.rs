@@ -1,0 +1,77 @@
+//! The OpenAPI document, generated from the handlers' annotations and the wire types, served at
+//! `GET /api/v1/openapi.json`. Route and schema names follow Poseidon's spec.
+
+use axum::Json;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::dto;
+use crate::error;
+use crate::routes;
+
+/// Poseidon's API v1 as this server implements it.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Poseidon API", description = "This API is used by CodeOcean to run code in runners."),
+    servers((url = "/api/v1")),
+    paths(
+        routes::health,
+        routes::version,
+        routes::statistics,
+        routes::runners::provide,
+        routes::runners::delete,
+        routes::runners::update_files,
+        routes::runners::list_files,
+        routes::runners::file_content,
+        routes::runners::execute,
+        routes::runners::websocket,
+        routes::environments::list,
+        routes::environments::get,
+        routes::environments::put,
+        routes::environments::delete,
+    ),
+    components(schemas(
+        dto::ExecutionEnvironment,
+        dto::ExecutionEnvironmentList,
+        dto::EnvironmentStatisticsEntry,
+        dto::ProvideRunnerRequest,
+        dto::RunnerResponse,
+        dto::MappedPortDto,
+        dto::ExecutionRequestDto,
+        dto::ExecutionResponse,
+        dto::FileUpdateRequest,
+        dto::FileCopyDto,
+        dto::FileHeader,
+        dto::FileListing,
+        error::ClientError,
+        error::InternalServerError,
+        error::ErrorCode,
+    )),
+    modifiers(&TokenScheme),
+    tags(
+        (name = "runner", description = "A unit of execution"),
+        (name = "execution environment", description = "A template for runners"),
+        (name = "miscellaneous"),
+    )
+)]
+pub struct ApiDoc;
+
+struct TokenScheme;
+
+impl Modify for TokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "poseidonAuthToken",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Poseidon-Token",
+                "A security token that might be required depending on the configuration.",
+            ))),
+        );
+    }
+}
+
+/// `GET /api/v1/openapi.json`.
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,177 @@
+//! The server loop: plain HTTP or TLS (rustls) on a listener, Poseidon's timeouts
+//! (`ReadHeaderTimeout` 15 s; no write timeout, so long streams are never cut), TCP_NODELAY,
+//! and graceful shutdown: stop accepting, let open execution streams end within a grace period,
+//! then end the remaining ones with a close 1001.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum_server::Handle;
+use axum_server::accept::{TcpConfigAcceptor, TcpSocketConfig};
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::state::Streams;
+
+/// How long a client may take to send a request's headers (Poseidon's `ReadHeaderTimeout`).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The TLS certificate or key could not be loaded.
+    #[error("cannot load TLS certificate {cert} or key {key}: {reason}")]
+    Tls {
+        /// Certificate file.
+        cert: PathBuf,
+        /// Key file.
+        key: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The listener failed.
+    #[error("server error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// TLS certificate and key files (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// Loads a rustls configuration accepting TLS 1.3 only (as Poseidon).
+pub fn tls_config(files: &TlsFiles) -> Result<RustlsConfig, ServeError> {
+    let fail = |reason: String| ServeError::Tls {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| fail(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(fail("no certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| fail(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| fail(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| fail(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(RustlsConfig::from_config(Arc::new(config)))
+}
+
+fn tcp_acceptor() -> TcpConfigAcceptor {
+    TcpConfigAcceptor::new(TcpSocketConfig::new().nodelay(true))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then shuts down gracefully: no new
+/// connections, `grace` for open requests and execution streams, then the rest are ended.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    app: Router,
+    tls: Option<RustlsConfig>,
+    streams: Streams,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let handle: Handle<SocketAddr> = Handle::new();
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let server = match tls {
+        None => {
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(tcp_acceptor())
+                .handle(handle.clone())
+                .first_request_timeout(HEADER_READ_TIMEOUT);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            tokio::spawn(server.serve(service))
+        }
+        Some(config) => {
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(RustlsAcceptor::new(config).acceptor(tcp_acceptor()))
+                .handle(handle.clone())
+                .first_request_timeout(HEADER_READ_TIMEOUT);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            tokio::spawn(server.serve(service))
+        }
+    };
+    tracing::info!(address = %addr, "listening");
+
+    let mut server = server;
+    tokio::select! {
+        result = &mut server => {
+            return match result {
+                Ok(r) => r.map_err(ServeError::Io),
+                Err(e) => Err(ServeError::Io(io::Error::other(e))),
+            };
+        }
+        () = shutdown => {}
+    }
+
+    tracing::info!(
+        grace_seconds = grace.as_secs(),
+        "shutting down: no new connections"
+    );
+    handle.graceful_shutdown(Some(grace));
+    streams.tracker.close();
+    if tokio::time::timeout(grace, streams.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = streams.tracker.len(),
+            "grace period over: ending open execution streams"
+        );
+        streams.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), streams.tracker.wait()).await;
+    }
+    match tokio::time::timeout(grace + Duration::from_secs(1), server).await {
+        Ok(Ok(result)) => result.map_err(ServeError::Io),
+        Ok(Err(e)) => Err(ServeError::Io(io::Error::other(e))),
+        Err(_) => {
+            tracing::warn!("connections still open after the grace period");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

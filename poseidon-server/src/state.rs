@@ -1,0 +1,73 @@
+//! What every handler shares: the manager, the API settings, metrics and the open streams.
+
+use std::sync::Arc;
+
+use runner_core::{Manager, SpecBounds};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+
+/// Settings of the HTTP layer (from the configuration).
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// The `Poseidon-Token` required on authenticated routes; `None` disables auth.
+    pub token: Option<String>,
+    /// Whether the server speaks TLS (`websocketUrl` then uses `wss`).
+    pub tls: bool,
+    /// What `/version` answers.
+    pub release: String,
+    /// The largest request body in bytes.
+    pub body_limit: usize,
+    /// Bounds environment specifications must respect.
+    pub bounds: SpecBounds,
+    /// `host:port` used for `websocketUrl` when a request has no `Host` header.
+    pub fallback_host: String,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            tls: false,
+            release: env!("CARGO_PKG_VERSION").to_string(),
+            body_limit: 64 * 1024 * 1024,
+            bounds: SpecBounds::default(),
+            fallback_host: "127.0.0.1:7200".into(),
+        }
+    }
+}
+
+/// Open execution streams, so shutdown can wait for them and then end them.
+#[derive(Debug, Clone, Default)]
+pub struct Streams {
+    /// Tracks every running stream task.
+    pub tracker: TaskTracker,
+    /// Fired when the shutdown grace period is over.
+    pub cancel: CancellationToken,
+}
+
+/// The state behind every handler.
+#[derive(Debug)]
+pub struct AppState {
+    /// The runner manager.
+    pub manager: Arc<dyn Manager>,
+    /// HTTP settings.
+    pub settings: ApiSettings,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Open WebSocket streams.
+    pub streams: Streams,
+}
+
+impl AppState {
+    /// State over `manager` with `settings`.
+    pub fn new(manager: Arc<dyn Manager>, settings: ApiSettings) -> Arc<Self> {
+        Arc::new(Self {
+            manager,
+            settings,
+            metrics: Metrics::new(),
+            streams: Streams::default(),
+        })
+    }
+}
