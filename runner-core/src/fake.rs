@@ -67,8 +67,9 @@ pub struct FakeExecutor {
     creating_now: Arc<AtomicUsize>,
     max_concurrent_creates: Arc<AtomicUsize>,
     create_delay: Arc<Mutex<Duration>>,
-    events_tx: mpsc::UnboundedSender<BackendEvent>,
-    events_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<BackendEvent>>>>,
+    /// The sender of the latest `events()` stream: each call starts a new stream, so a restarted
+    /// manager over the same fake receives the events from then on.
+    events_tx: Arc<Mutex<Option<mpsc::UnboundedSender<BackendEvent>>>>,
 }
 
 impl Default for FakeExecutor {
@@ -80,7 +81,6 @@ impl Default for FakeExecutor {
 impl FakeExecutor {
     /// An empty backend.
     pub fn new() -> Self {
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
         Self {
             state: Arc::default(),
             failing_creates: Arc::default(),
@@ -88,8 +88,7 @@ impl FakeExecutor {
             creating_now: Arc::default(),
             max_concurrent_creates: Arc::default(),
             create_delay: Arc::new(Mutex::new(Duration::ZERO)),
-            events_tx,
-            events_rx: Arc::new(Mutex::new(Some(events_rx))),
+            events_tx: Arc::default(),
         }
     }
 
@@ -120,9 +119,16 @@ impl FakeExecutor {
         self.max_concurrent_creates.load(Ordering::SeqCst)
     }
 
-    /// Sends an event to the manager.
+    /// Sends an event to the manager that called `events()` last.
     pub fn emit(&self, event: BackendEvent) {
-        let _ = self.events_tx.send(event);
+        if let Some(tx) = self
+            .events_tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            let _ = tx.send(event);
+        }
     }
 
     /// The runners that exist.
@@ -392,15 +398,12 @@ impl ExecutorApi for FakeExecutor {
     }
 
     fn events(&self) -> BoxStream<'static, BackendEvent> {
-        let taken = self
-            .events_rx
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        *self
+            .events_tx
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        match taken {
-            Some(mut rx) => futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
-            None => futures::stream::pending().boxed(),
-        }
+            .unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
     }
 }
 

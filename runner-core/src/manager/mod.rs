@@ -131,6 +131,11 @@ impl RunnerManager {
         info!("runner manager stopped");
     }
 
+    /// The concrete used runner with this id, if any.
+    pub fn used_runner(&self, id: &RunnerId) -> Option<Arc<UsedRunner>> {
+        self.read_used().get(id).cloned()
+    }
+
     /// Number of used runners over all environments.
     pub fn used_count(&self) -> usize {
         self.read_used().len()
@@ -379,9 +384,10 @@ impl RunnerManager {
         let env = self
             .managed(environment)
             .ok_or(ManagerError::UnknownEnvironment(environment))?;
-        let info = env
-            .take_idle()
-            .ok_or(ManagerError::NoIdleRunner(environment))?;
+        let Some(info) = env.take_idle() else {
+            self.check_pool_alert(&env);
+            return Err(ManagerError::NoIdleRunner(environment));
+        };
         env.wake_refill();
         let runner = self.register_used(info, inactivity_timeout, None);
         env.used_changed(1);
