@@ -47,7 +47,8 @@ pub fn init(level: &str, format: &str) {
         .from_env_lossy();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let result = match Format::parse(format).unwrap_or(Format::Text) {
         Format::Text => builder.try_init(),
         Format::Json => builder.json().try_init(),

@@ -1,0 +1,181 @@
+//! The `poseidon-server` binary: arguments, configuration errors (exit code 2), serving with the
+//! fake backend, TLS, and SIGTERM.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::{command, spawn};
+use serde_json::{Value, json};
+
+#[test]
+fn help_and_version_come_from_clap() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = command(dir.path()).arg("--help").output().expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));
+    let out = command(dir.path()).arg("--version").output().expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    for (vars, key) in [
+        (vec![("POSEIDON_SERVER_PORT", "not-a-port")], "server.port"),
+        (vec![("POSEIDON_NOMAD_ENABLED", "true")], "nomad.enabled"),
+        (
+            vec![("POSEIDON_LOGGER_FORMATTER", "XMLFormatter")],
+            "logger.formatter",
+        ),
+        (
+            vec![("POSEIDON_SERVER_BACKEND", "docker")],
+            "server.backend",
+        ),
+    ] {
+        let mut cmd = command(dir.path());
+        for (k, v) in &vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{vars:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{vars:?}: {stderr}");
+    }
+    std::fs::write(
+        dir.path().join("configuration.yaml"),
+        "limits:\n  maxpoolsize: -3\n",
+    )
+    .expect("write");
+    let out = command(dir.path()).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.maxpoolsize"));
+    let out = command(dir.path())
+        .args(["--config", "/nonexistent/custom.yaml"])
+        .env("POSEIDON_SERVER_PORT", "x")
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a missing --config file means defaults"
+    );
+}
+
+#[tokio::test]
+async fn serves_from_a_configuration_file_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("configuration.yaml"),
+        "server:\n  token: file-token\n  backend: fake\n  shutdowngrace: 1\nsentry:\n  release: rel-123\nenvironments:\n  - id: 4\n    image: img\n    prewarmingPoolSize: 1\n    cpuLimit: 10\n    memoryLimit: 64\n    networkAccess: false\n    exposedPorts: []\n",
+    )
+    .expect("write");
+    let mut server = common::process::spawn_in(dir, &[]);
+    let base = format!("http://{}/api/v1", server.addr);
+    let version: Value = reqwest::get(format!("{base}/version"))
+        .await
+        .expect("version")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(version, json!("rel-123"));
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("{base}/execution-environments/4"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 401);
+    let r = client
+        .get(format!("{base}/execution-environments/4"))
+        .header("Poseidon-Token", "file-token")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        r.status(),
+        200,
+        "declared environments are created at start-up"
+    );
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[tokio::test]
+async fn tls_serves_https_and_wss_urls() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let cert = format!("{fixtures}/test-cert.pem");
+    let key = format!("{fixtures}/test-key.pem");
+    let mut server = spawn(&[
+        ("POSEIDON_SERVER_BACKEND", "fake"),
+        ("POSEIDON_SERVER_TLS_ACTIVE", "true"),
+        ("POSEIDON_SERVER_TLS_CERTFILE", &cert),
+        ("POSEIDON_SERVER_TLS_KEYFILE", &key),
+    ]);
+    let port = server
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let pem = std::fs::read(format!("{fixtures}/test-ca.pem")).expect("ca");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+        .build()
+        .expect("client");
+    let base = format!("https://localhost:{port}/api/v1");
+    let r = client
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .expect("https");
+    assert_eq!(r.status(), 204);
+    let r = client
+        .put(format!("{base}/execution-environments/1"))
+        .json(&json!({"image": "img", "prewarmingPoolSize": 1}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    let mut runner = None;
+    for _ in 0..100 {
+        let r = client
+            .post(format!("{base}/runners"))
+            .json(&json!({"executionEnvironmentId": 1}))
+            .send()
+            .await
+            .expect("claim");
+        if r.status() == 200 {
+            let body: Value = r.json().await.expect("json");
+            runner = body["runnerId"].as_str().map(str::to_string);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let runner = runner.expect("a runner");
+    let body: Value = client
+        .post(format!("{base}/runners/{runner}/execute"))
+        .json(&json!({"command": "echo hi"}))
+        .send()
+        .await
+        .expect("execute")
+        .json()
+        .await
+        .expect("json");
+    let url = body["websocketUrl"].as_str().unwrap_or_default();
+    assert!(
+        url.starts_with(&format!(
+            "wss://localhost:{port}/api/v1/runners/{runner}/websocket?executionID="
+        )),
+        "{url}"
+    );
+    // Plain HTTP on the TLS port is not served.
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/api/v1/health"))
+            .await
+            .is_err()
+    );
+    server.signal("INT");
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+}
