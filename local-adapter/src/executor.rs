@@ -1,0 +1,1133 @@
+//! [`LocalExecutor`]: `ExecutorApi` on this machine.
+//!
+//! Owns the runners of one data directory: creates them through the sandbox helper, keeps their
+//! records in the `storage` store, talks to their inits over their control sockets, and pumps
+//! execution output through bounded channels. It never forks itself into a namespace and never
+//! touches cgroups, sockets or records of another data directory.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
+use runner_core::execution::{EVENT_BUFFER, STDIN_BUFFER};
+use runner_core::{
+    BackendError, BackendEvent, DestroyReason, EnvironmentId, EnvironmentSpec, ExecutionEvent,
+    ExecutionFailure, ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent, FileError,
+    FileFailure, FileHeader, FileUpdate, ListFilesRequest, RecordedState, RunnerId, RunnerInfo,
+    RunnerRecord, RunnerState,
+};
+use serde::{Deserialize, Serialize};
+use storage::{StateStore, StoredRunner};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::cgroup::{self, CgroupDriver, Limits, NoCgroups, V1Driver, V2Driver};
+use crate::config::{CgroupChoice, LocalConfig};
+use crate::error::LocalError;
+use crate::protocol::{
+    CopyHeader, MAX_RESPONSE, Request, Response, read_msg, recv_with_fds, write_msg,
+};
+use crate::rootfs;
+use crate::sandbox::{ID_RANGE, MARKER, RootSpec, SandboxSpec};
+
+const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the main process exited, output still arriving is forwarded until the pipes are quiet
+/// this long (background processes may keep them open).
+const DRAIN_QUIET: Duration = Duration::from_millis(30);
+const DRAIN_MAX: Duration = Duration::from_millis(300);
+
+/// Registers an owned descriptor with the reactor.
+#[allow(unsafe_code)]
+fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the `AsyncFd` owns the `OwnedFd`, so the descriptor stays open and refers to the
+    // same file description until the `AsyncFd` is dropped, and `as_raw_fd` never changes.
+    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+/// What the adapter stores about a runner's sandbox (the record's opaque backend data).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Handle {
+    pid: i32,
+    start_time: u64,
+    socket: PathBuf,
+}
+
+#[derive(Debug)]
+struct Runner {
+    id: RunnerId,
+    environment: EnvironmentId,
+    handle: Handle,
+    /// Found alive at start-up (its idle record may be stale after a crash).
+    recovered: bool,
+    destroying: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct Paths {
+    run: PathBuf,
+    staging: PathBuf,
+    etc: PathBuf,
+}
+
+struct Inner {
+    config: LocalConfig,
+    paths: Paths,
+    uid_base: u32,
+    driver: Box<dyn CgroupDriver>,
+    store: StateStore,
+    clean_start: bool,
+    runners: Mutex<HashMap<RunnerId, Arc<Runner>>>,
+    logged_host_images: Mutex<HashSet<EnvironmentId>>,
+    events_tx: mpsc::UnboundedSender<BackendEvent>,
+    events_rx: Mutex<Option<mpsc::UnboundedReceiver<BackendEvent>>>,
+}
+
+/// The local sandbox backend. Cheap to clone; all clones share the same runners.
+#[derive(Clone)]
+pub struct LocalExecutor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LocalExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalExecutor")
+            .field("data_dir", &self.inner.config.data_dir)
+            .field("cgroups", &self.inner.driver.name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn internal(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Internal(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)
+}
+
+/// The start time (clock ticks since boot) of `pid`, to tell a runner's init from a reused pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn is_alive(handle: &Handle) -> bool {
+    start_time(handle.pid) == Some(handle.start_time)
+}
+
+fn connect(socket: &Path) -> io::Result<UnixStream> {
+    let conn = UnixStream::connect(socket)?;
+    conn.set_read_timeout(Some(CONTROL_TIMEOUT))?;
+    conn.set_write_timeout(Some(CONTROL_TIMEOUT))?;
+    Ok(conn)
+}
+
+fn ping(socket: &Path) -> bool {
+    connect(socket)
+        .and_then(|mut c| {
+            write_msg(&mut c, &Request::Ping)?;
+            read_msg::<Response>(&mut c, MAX_RESPONSE)
+        })
+        .is_ok_and(|r| matches!(r, Response::Ok))
+}
+
+fn check_features(config: &LocalConfig) -> Result<(), LocalError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(LocalError::MissingFeature {
+            feature: "root privileges",
+            fix: "run the server as root (it creates namespaces, ID-mapped mounts and cgroups)"
+                .into(),
+        });
+    }
+    let max_userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if !Path::new("/proc/self/ns/user").exists() || max_userns == Some(0) {
+        return Err(LocalError::MissingFeature {
+            feature: "user namespaces",
+            fix: "use a kernel with CONFIG_USER_NS and set sysctl user.max_user_namespaces > 0"
+                .into(),
+        });
+    }
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems.contains("overlay") {
+        return Err(LocalError::MissingFeature {
+            feature: "overlayfs",
+            fix: "load the overlay module (modprobe overlay)".into(),
+        });
+    }
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) < (5, 19) {
+        return Err(LocalError::MissingFeature {
+            feature: "ID-mapped mounts with overlayfs (Linux ≥ 5.19)",
+            fix: format!("this kernel is {release}; upgrade the kernel"),
+        });
+    }
+    if crate::sandbox::seccomp::programs().is_err() {
+        return Err(LocalError::MissingFeature {
+            feature: "seccomp filters for this architecture",
+            fix: "run on x86_64 or aarch64 with CONFIG_SECCOMP_FILTER".into(),
+        });
+    }
+    for (name, dir) in &config.images {
+        if !dir.is_dir() {
+            return Err(LocalError::DataDir {
+                path: dir.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("root filesystem of image {name:?} is not a directory"),
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl LocalExecutor {
+    /// Opens the store under `config.data_dir`, checks the kernel, reattaches to the runners that
+    /// survived the previous server and cleans up everything of this data directory that did not
+    /// (processes, cgroups, sockets, records).
+    ///
+    /// The binary must call [`crate::sandbox_main_if_requested`] first in `main`.
+    pub async fn start(config: LocalConfig) -> Result<LocalExecutor, LocalError> {
+        tokio::task::spawn_blocking(move || Self::start_blocking(config))
+            .await
+            .map_err(|e| LocalError::Sandbox(e.to_string()))?
+    }
+
+    fn start_blocking(mut config: LocalConfig) -> Result<LocalExecutor, LocalError> {
+        check_features(&config)?;
+        let dir_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LocalError::DataDir { path, source }
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(dir_err(&config.data_dir))?;
+        let data = std::fs::canonicalize(&config.data_dir).map_err(dir_err(&config.data_dir))?;
+        let text = data.to_string_lossy();
+        if text.len() > 80 {
+            return Err(LocalError::DataDirTooLong(data));
+        }
+        if text.contains([',', ':']) {
+            return Err(LocalError::DataDir {
+                path: data.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the path must not contain ',' or ':' (overlayfs options)",
+                ),
+            });
+        }
+        config.data_dir = data.clone();
+        let hash = fnv(text.as_bytes());
+        let instance = format!("poseidon-{:012x}", hash & 0xffff_ffff_ffff);
+        let uid_base = 0x4000_0000 + (hash % 4096) as u32 * ID_RANGE;
+        let paths = Paths {
+            run: data.join("run"),
+            staging: data.join("mnt"),
+            etc: data.join(format!("etc-{uid_base}")),
+        };
+        for d in [&paths.run, &paths.staging] {
+            std::fs::create_dir_all(d).map_err(dir_err(d))?;
+            nix::unistd::chown(d.as_path(), Some(nix::unistd::Uid::from_raw(0)), None)
+                .map_err(|e| dir_err(d)(e.into()))?;
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(dir_err(d))?;
+        }
+        rootfs::build_etc(Path::new("/etc"), &paths.etc, uid_base).map_err(dir_err(&paths.etc))?;
+        let driver: Box<dyn CgroupDriver> = match &config.cgroup {
+            None => cgroup::detect(Path::new("/sys/fs/cgroup"), &instance),
+            Some(CgroupChoice::V1(root)) => Box::new(V1Driver::new(root, &instance)),
+            Some(CgroupChoice::V2(base)) => Box::new(V2Driver::new(base.join(&instance))),
+            Some(CgroupChoice::None) => Box::new(NoCgroups),
+        };
+        let store = StateStore::open(&data.join("state.redb"))
+            .map_err(|e| LocalError::Store(e.to_string()))?;
+        let clean_start = store.previous_shutdown_was_clean();
+        if driver.name() == "none" {
+            warn!(
+                "no usable cgroups: runners have NO memory, process or CPU limits (rlimits only)"
+            );
+        }
+        info!(
+            data_dir = %data.display(),
+            cgroups = driver.name(),
+            enforced = ?driver.enforced(),
+            disk_limit_mb = config.disk_limit_mb,
+            default_memory_mb = config.default_memory_mb,
+            max_processes = config.max_processes,
+            max_open_files = config.max_open_files,
+            max_file_size_mb = config.max_file_size_mb,
+            "local backend: user/mount/pid/net/ipc/uts/cgroup namespaces, ID-mapped read-only \
+             system directories, size-limited tmpfs writable layer, seccomp, no_new_privs"
+        );
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            config,
+            paths,
+            uid_base,
+            driver,
+            store,
+            clean_start,
+            runners: Mutex::new(HashMap::new()),
+            logged_host_images: Mutex::new(HashSet::new()),
+            events_tx,
+            events_rx: Mutex::new(Some(events_rx)),
+        });
+        inner.recover()?;
+        Ok(LocalExecutor { inner })
+    }
+
+    /// Leaves every runner running (the next start reattaches to them) and closes the store
+    /// cleanly, so the next start trusts its idle records.
+    pub async fn shutdown(&self) {
+        let store = self.inner.store.clone();
+        match tokio::task::spawn_blocking(move || store.close()).await {
+            Ok(Ok(())) => info!("local backend shut down; runners left in place"),
+            Ok(Err(e)) => error!(error = %e, "closing the state store failed"),
+            Err(e) => error!(error = %e, "closing the state store failed"),
+        }
+    }
+
+    fn runner(&self, id: &RunnerId) -> Result<Arc<Runner>, BackendError> {
+        lock(&self.inner.runners)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BackendError::RunnerNotFound(id.clone()))
+    }
+}
+
+impl Inner {
+    /// Reattaches to live runners of the store and removes everything else of this instance.
+    fn recover(self: &Arc<Self>) -> Result<(), LocalError> {
+        let records = self
+            .store
+            .runners()
+            .map_err(|e| LocalError::Store(e.to_string()))?;
+        let mut attached = HashSet::new();
+        for record in records {
+            let handle: Option<Handle> = serde_json::from_slice(&record.backend_data).ok();
+            match handle {
+                Some(h) if is_alive(&h) && ping(&h.socket) => {
+                    info!(runner_id = %record.id, environment_id = %record.environment, "reattached to runner");
+                    attached.insert(record.id.to_string());
+                    let runner = Arc::new(Runner {
+                        id: record.id.clone(),
+                        environment: record.environment,
+                        handle: h,
+                        recovered: true,
+                        destroying: false.into(),
+                    });
+                    lock(&self.runners).insert(record.id.clone(), runner.clone());
+                    self.watch(runner);
+                }
+                h => {
+                    info!(runner_id = %record.id, "runner did not survive; cleaning up");
+                    if let Some(h) = &h {
+                        kill_init(h);
+                        let _ = std::fs::remove_file(&h.socket);
+                    }
+                    let _ = self.driver.destroy(record.id.as_str());
+                    self.store
+                        .remove_runner(&record.id)
+                        .map_err(|e| LocalError::Store(e.to_string()))?;
+                }
+            }
+        }
+        for leftover in self.driver.runners() {
+            if !attached.contains(&leftover) {
+                info!(runner_id = %leftover, "removing leftover cgroup");
+                if let Err(e) = self.driver.destroy(&leftover) {
+                    warn!(runner_id = %leftover, error = %e, "cannot remove leftover cgroup");
+                }
+            }
+        }
+        let live: HashSet<PathBuf> = lock(&self.runners)
+            .values()
+            .map(|r| r.handle.socket.clone())
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(&self.paths.run) {
+            for e in rd.flatten() {
+                if !live.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn socket_path(&self, id: &RunnerId) -> PathBuf {
+        self.paths
+            .run
+            .join(format!("{:016x}.sock", fnv(id.as_str().as_bytes())))
+    }
+
+    /// Watches the init's exit; a runner that dies on its own is reported and cleaned up.
+    fn watch(self: &Arc<Self>, runner: Arc<Runner>) {
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let Ok(pidfd) = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(runner.handle.pid).unwrap_or(rustix::process::Pid::INIT),
+            rustix::process::PidfdFlags::NONBLOCK,
+        ) else {
+            return;
+        };
+        if !is_alive(&runner.handle) {
+            return;
+        }
+        let Ok(fd) = async_fd(pidfd) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = fd.readable().await;
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            if runner.destroying.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let oom = inner.driver.oom_killed(runner.id.as_str());
+            let reason = if oom {
+                DestroyReason::OomKilled
+            } else {
+                DestroyReason::Stopped("the runner's init process exited".into())
+            };
+            warn!(runner_id = %runner.id, reason = %reason, "runner stopped on its own");
+            let id = runner.id.clone();
+            let cleanup = inner.clone();
+            let _ = tokio::task::spawn_blocking(move || cleanup.teardown(&runner)).await;
+            lock(&inner.runners).remove(&id);
+            let _ = inner
+                .events_tx
+                .send(BackendEvent::RunnerStopped { runner: id, reason });
+        });
+    }
+
+    /// Kills the runner's init (and with it the whole pid namespace), removes its cgroups,
+    /// socket and record.
+    fn teardown(&self, runner: &Runner) -> Result<(), BackendError> {
+        runner
+            .destroying
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        kill_init(&runner.handle);
+        let _ = std::fs::remove_file(&runner.handle.socket);
+        let cg = self.driver.destroy(runner.id.as_str());
+        self.store.remove_runner(&runner.id).map_err(internal)?;
+        cg.map_err(internal)
+    }
+
+    fn limits(&self, spec: &EnvironmentSpec) -> Limits {
+        let mb = if spec.memory_limit == 0 {
+            self.config.default_memory_mb
+        } else {
+            spec.memory_limit
+        };
+        Limits {
+            memory_bytes: u64::from(mb) << 20,
+            max_processes: self.config.max_processes,
+            cpu_shares: Limits::cpu_shares_from_mhz(spec.cpu_limit),
+        }
+    }
+
+    fn root_spec(&self, spec: &EnvironmentSpec) -> RootSpec {
+        match self.config.images.get(&spec.image) {
+            Some(dir) => RootSpec::Image {
+                dir: dir.clone(),
+                passwd: rootfs::passwd(),
+                group: rootfs::group(),
+            },
+            None => {
+                if lock(&self.logged_host_images).insert(spec.id) {
+                    info!(
+                        environment_id = %spec.id,
+                        image = %spec.image,
+                        "no root filesystem configured for this image; runners use the host's allow-listed system directories"
+                    );
+                }
+                RootSpec::Host {
+                    allow: rootfs::HOST_ALLOW_LIST.iter().map(PathBuf::from).collect(),
+                    etc: self.paths.etc.clone(),
+                }
+            }
+        }
+    }
+}
+
+/// SIGKILL to a runner's init (only if the pid still is that init) and a short wait for it.
+fn kill_init(handle: &Handle) {
+    if !is_alive(handle) {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(handle.pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    // Reap it if it became our child (we may be its subreaper); otherwise wait until it is gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        match std::fs::read_to_string(format!("/proc/{}/stat", handle.pid)) {
+            Err(_) => return,
+            Ok(s) if start_time(handle.pid) != Some(handle.start_time) => {
+                let _ = s;
+                return;
+            }
+            Ok(s) => {
+                if s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+                {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
+    let exe =
+        std::fs::read_link("/proc/self/exe").map_err(|e| LocalError::io("/proc/self/exe", e))?;
+    let mut child = tokio::process::Command::new(exe)
+        .env_clear()
+        .env(MARKER, "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| LocalError::io("spawning the sandbox helper", e))?;
+    let input = serde_json::to_vec(spec).map_err(|e| LocalError::Sandbox(e.to_string()))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| LocalError::Sandbox("helper has no stdin".into()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| LocalError::Sandbox("helper has no stdout".into()))?;
+    let talk = async {
+        stdin
+            .write_all(&input)
+            .await
+            .map_err(|e| LocalError::io("writing to the sandbox helper", e))?;
+        drop(stdin);
+        let mut lines = BufReader::new(stdout).lines();
+        let mut pid = None;
+        while let Some(line) = lines
+            .next_line()
+            .await
+            .map_err(|e| LocalError::io("reading from the sandbox helper", e))?
+        {
+            if let Some(p) = line.strip_prefix("pid ") {
+                pid = p.trim().parse::<i32>().ok();
+            } else if line == "ready" {
+                let pid = pid.ok_or_else(|| LocalError::Sandbox("init pid unknown".into()))?;
+                let start_time = start_time(pid)
+                    .ok_or_else(|| LocalError::Sandbox("init vanished after start".into()))?;
+                return Ok(Handle {
+                    pid,
+                    start_time,
+                    socket: spec.socket.clone(),
+                });
+            } else if let Some(message) = line.strip_prefix("error ") {
+                return Err(LocalError::Sandbox(message.to_string()));
+            }
+        }
+        Err(LocalError::Sandbox(
+            "the sandbox helper exited without starting the runner (is \
+             local_adapter::sandbox_main_if_requested() called first in main?)"
+                .into(),
+        ))
+    };
+    let result = tokio::time::timeout(CREATE_TIMEOUT, talk)
+        .await
+        .unwrap_or_else(|_| Err(LocalError::Sandbox("timed out starting the runner".into())));
+    let _ = child.wait().await;
+    result
+}
+
+#[async_trait]
+impl ExecutorApi for LocalExecutor {
+    async fn register_environment(&self, spec: &EnvironmentSpec) -> Result<(), BackendError> {
+        let store = self.inner.store.clone();
+        let spec = spec.clone();
+        blocking(move || store.put_environment(&spec))
+            .await?
+            .map_err(internal)
+    }
+
+    async fn delete_environment(&self, id: EnvironmentId) -> Result<(), BackendError> {
+        let store = self.inner.store.clone();
+        blocking(move || store.remove_environment(id))
+            .await?
+            .map_err(internal)
+    }
+
+    async fn load_environments(&self) -> Result<Vec<EnvironmentSpec>, BackendError> {
+        let store = self.inner.store.clone();
+        blocking(move || store.environments())
+            .await?
+            .map_err(internal)
+    }
+
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError> {
+        let inner = &self.inner;
+        let id = RunnerId::generate(spec.id);
+        let started = Instant::now();
+        let limits = inner.limits(spec);
+        let driver_inner = inner.clone();
+        let cg_id = id.clone();
+        let placement = blocking(move || {
+            driver_inner
+                .driver
+                .create(cg_id.as_str(), &limits, driver_inner.uid_base)
+        })
+        .await?;
+        let placement = match placement {
+            Ok(p) => p,
+            Err(e) => {
+                let (inner, id2) = (inner.clone(), id.clone());
+                let _ = blocking(move || inner.driver.destroy(id2.as_str())).await;
+                return Err(internal(e));
+            }
+        };
+        let sandbox = SandboxSpec {
+            runner_id: id.to_string(),
+            socket: inner.socket_path(&id),
+            staging: inner.paths.staging.clone(),
+            uid_base: inner.uid_base,
+            root: inner.root_spec(spec),
+            disk_limit_mb: inner.config.disk_limit_mb,
+            shm_limit_mb: inner.config.shm_limit_mb,
+            procs_files: placement.procs_files.clone(),
+            exec_parent: placement.exec_parent.clone(),
+            exec_kill: placement.exec_kill,
+            max_open_files: inner.config.max_open_files,
+            max_file_size: inner.config.max_file_size_mb << 20,
+        };
+        let handle = match spawn_sandbox(&sandbox).await {
+            Ok(h) => h,
+            Err(e) => {
+                error!(runner_id = %id, environment_id = %spec.id, error = %e, "cannot create runner");
+                let (inner, id2, socket) = (inner.clone(), id.clone(), sandbox.socket.clone());
+                let _ = blocking(move || {
+                    let _ = std::fs::remove_file(socket);
+                    inner.driver.destroy(id2.as_str())
+                })
+                .await;
+                return Err(BackendError::Internal(e.to_string()));
+            }
+        };
+        let record = StoredRunner {
+            id: id.clone(),
+            environment: spec.id,
+            state: RunnerState::Idle,
+            mapped_ports: Vec::new(),
+            backend_data: serde_json::to_vec(&handle).map_err(internal)?,
+        };
+        let runner = Arc::new(Runner {
+            id: id.clone(),
+            environment: spec.id,
+            handle,
+            recovered: false,
+            destroying: false.into(),
+        });
+        let store = inner.store.clone();
+        if let Err(e) = blocking(move || store.put_runner(&record)).await? {
+            let (inner2, r) = (inner.clone(), runner.clone());
+            let _ = blocking(move || inner2.teardown(&r)).await;
+            return Err(internal(e));
+        }
+        lock(&inner.runners).insert(id.clone(), runner.clone());
+        inner.watch(runner);
+        debug!(runner_id = %id, environment_id = %spec.id, startup_ms = started.elapsed().as_millis() as u64, "runner created");
+        Ok(RunnerInfo {
+            id,
+            environment: spec.id,
+            mapped_ports: Vec::new(),
+        })
+    }
+
+    async fn destroy_runner(
+        &self,
+        runner: &RunnerId,
+        reason: &DestroyReason,
+    ) -> Result<(), BackendError> {
+        let found = lock(&self.inner.runners).remove(runner);
+        let inner = self.inner.clone();
+        let id = runner.clone();
+        debug!(runner_id = %id, reason = %reason, "destroying runner");
+        blocking(move || match found {
+            Some(r) => inner.teardown(&r),
+            None => {
+                let _ = inner.driver.destroy(id.as_str());
+                inner.store.remove_runner(&id).map_err(internal)
+            }
+        })
+        .await?
+    }
+
+    async fn mark_runner(
+        &self,
+        runner: &RunnerId,
+        state: &RunnerState,
+    ) -> Result<(), BackendError> {
+        self.runner(runner)?;
+        let store = self.inner.store.clone();
+        let (id, state) = (runner.clone(), *state);
+        blocking(move || store.set_runner_state(&id, &state))
+            .await?
+            .map_err(internal)
+    }
+
+    async fn load_runners(
+        &self,
+        environment: EnvironmentId,
+    ) -> Result<Vec<RunnerRecord>, BackendError> {
+        let runners: Vec<Arc<Runner>> = lock(&self.inner.runners)
+            .values()
+            .filter(|r| r.environment == environment)
+            .cloned()
+            .collect();
+        let store = self.inner.store.clone();
+        let clean = self.inner.clean_start;
+        blocking(move || {
+            let mut out = Vec::new();
+            for r in runners {
+                let Some(record) = store.runner(&r.id).map_err(internal)? else {
+                    continue;
+                };
+                let state = match record.state {
+                    RunnerState::Used(u) => RecordedState::Used(u),
+                    RunnerState::Idle if r.recovered && !clean => RecordedState::Uncertain,
+                    RunnerState::Idle => RecordedState::Idle,
+                };
+                out.push(RunnerRecord {
+                    info: RunnerInfo {
+                        id: r.id.clone(),
+                        environment: r.environment,
+                        mapped_ports: record.mapped_ports,
+                    },
+                    state,
+                });
+            }
+            Ok(out)
+        })
+        .await?
+    }
+
+    async fn execute(
+        &self,
+        runner: &RunnerId,
+        request: &ExecutionRequest,
+        cancel: CancellationToken,
+    ) -> Result<ExecutionHandle, BackendError> {
+        let r = self.runner(runner)?;
+        request
+            .validate()
+            .map_err(|e| BackendError::InvalidRequest(e.to_string()))?;
+        let message = Request::Exec {
+            command: request.command.clone(),
+            privileged: request.privileged_execution,
+            env: request
+                .environment
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let socket = r.handle.socket.clone();
+        let (conn, fds) = blocking(
+            move || -> Result<(UnixStream, Vec<OwnedFd>), BackendError> {
+                let mut conn = connect(&socket).map_err(internal)?;
+                write_msg(&mut conn, &message).map_err(internal)?;
+                let (response, fds): (Response, _) = recv_with_fds(&conn, 2).map_err(internal)?;
+                match response {
+                    Response::Started if fds.len() == 2 => Ok((conn, fds)),
+                    Response::Error { message } => Err(BackendError::Internal(message)),
+                    other => Err(internal(format!("unexpected answer {other:?}"))),
+                }
+            },
+        )
+        .await??;
+        let mut fds = fds.into_iter();
+        let (Some(master), Some(stderr)) = (fds.next(), fds.next()) else {
+            return Err(internal("missing descriptors"));
+        };
+        for fd in [&master, &stderr] {
+            rustix::fs::fcntl_setfl(fd, rustix::fs::OFlags::NONBLOCK).map_err(internal)?;
+        }
+        conn.set_nonblocking(true).map_err(internal)?;
+        let conn = tokio::net::UnixStream::from_std(conn).map_err(internal)?;
+        let master = async_fd(master).map_err(internal)?;
+        let stderr = async_fd(stderr).map_err(internal)?;
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_BUFFER);
+        let pump = Pump {
+            master,
+            stderr,
+            conn,
+            stdin: stdin_rx,
+            events: events_tx,
+            cancel,
+            inner: Arc::downgrade(&self.inner),
+            runner: r.id.clone(),
+        };
+        tokio::spawn(pump.run());
+        Ok(ExecutionHandle {
+            stdin: stdin_tx,
+            events: events_rx,
+        })
+    }
+
+    async fn update_files(&self, runner: &RunnerId, update: &FileUpdate) -> Result<(), FileError> {
+        let r = self.runner(runner)?;
+        for p in update
+            .delete
+            .iter()
+            .chain(update.copy.iter().map(|c| &c.path))
+        {
+            if p.contains('\0') || p.is_empty() {
+                return Err(FileError::InvalidPath(p.clone()));
+            }
+        }
+        let socket = r.handle.socket.clone();
+        let update = update.clone();
+        let response = blocking(move || -> io::Result<Response> {
+            let mut conn = connect(&socket)?;
+            let request = Request::Update {
+                delete: update.delete.clone(),
+                copies: update
+                    .copy
+                    .iter()
+                    .map(|c| CopyHeader {
+                        path: c.path.clone(),
+                        len: c.content.len() as u64,
+                    })
+                    .collect(),
+            };
+            write_msg(&mut conn, &request)?;
+            conn.set_write_timeout(Some(Duration::from_secs(120)))?;
+            for c in &update.copy {
+                io::Write::write_all(&mut conn, &c.content)?;
+            }
+            conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+            read_msg(&mut conn, MAX_RESPONSE)
+        })
+        .await?
+        .map_err(internal)?;
+        match response {
+            Response::Updated { failures } if failures.is_empty() => Ok(()),
+            Response::Updated { failures } => Err(FileError::Partial(
+                failures
+                    .into_iter()
+                    .map(|f| FileFailure {
+                        path: f.path,
+                        reason: f.reason,
+                    })
+                    .collect(),
+            )),
+            Response::Error { message } => Err(internal(message).into()),
+            other => Err(internal(format!("unexpected answer {other:?}")).into()),
+        }
+    }
+
+    async fn list_files(
+        &self,
+        runner: &RunnerId,
+        request: &ListFilesRequest,
+    ) -> Result<Vec<FileHeader>, FileError> {
+        let r = self.runner(runner)?;
+        if request.path.contains('\0') {
+            return Err(FileError::InvalidPath(request.path.clone()));
+        }
+        let socket = r.handle.socket.clone();
+        let message = Request::List {
+            path: request.path.clone(),
+            recursive: request.recursive,
+            privileged: request.privileged,
+        };
+        let response = blocking(move || -> io::Result<Response> {
+            let mut conn = connect(&socket)?;
+            write_msg(&mut conn, &message)?;
+            conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+            read_msg(&mut conn, MAX_RESPONSE)
+        })
+        .await?
+        .map_err(internal)?;
+        match response {
+            Response::Listing { entries } => Ok(entries
+                .into_iter()
+                .map(|e| FileHeader {
+                    name: e.name,
+                    entry_type: e.entry_type,
+                    link_target: e.link_target,
+                    size: e.size,
+                    modification_time: e.modification_time,
+                    permissions: e.permissions,
+                    owner: e.owner,
+                    group: e.group,
+                })
+                .collect()),
+            Response::NotFound => Err(FileError::NotFound),
+            Response::Error { message } => Err(internal(message).into()),
+            other => Err(internal(format!("unexpected answer {other:?}")).into()),
+        }
+    }
+
+    async fn read_file(
+        &self,
+        runner: &RunnerId,
+        path: &str,
+        privileged: bool,
+    ) -> Result<FileContent, FileError> {
+        let r = self.runner(runner)?;
+        if path.contains('\0') || path.is_empty() {
+            return Err(FileError::InvalidPath(path.to_string()));
+        }
+        let socket = r.handle.socket.clone();
+        let message = Request::Read {
+            path: path.to_string(),
+            privileged,
+        };
+        let (response, conn) = blocking(move || -> io::Result<(Response, UnixStream)> {
+            let mut conn = connect(&socket)?;
+            write_msg(&mut conn, &message)?;
+            let response = read_msg(&mut conn, MAX_RESPONSE)?;
+            Ok((response, conn))
+        })
+        .await?
+        .map_err(internal)?;
+        let size = match response {
+            Response::File { size } => size,
+            Response::NotFound => return Err(FileError::NotFound),
+            Response::Error { message } => return Err(internal(message).into()),
+            other => return Err(internal(format!("unexpected answer {other:?}")).into()),
+        };
+        conn.set_nonblocking(true).map_err(internal)?;
+        let conn = tokio::net::UnixStream::from_std(conn).map_err(internal)?;
+        let body = stream::unfold((conn, size), |(mut conn, left)| async move {
+            if left == 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; left.min(64 * 1024) as usize];
+            match conn.read(&mut buf).await {
+                Ok(0) => Some((
+                    Err(FileError::Backend(internal("the file ended early"))),
+                    (conn, 0),
+                )),
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Bytes::from(buf)), (conn, left - n as u64)))
+                }
+                Err(e) => Some((Err(FileError::Backend(internal(e))), (conn, 0))),
+            }
+        });
+        Ok(FileContent {
+            size,
+            body: body.boxed(),
+        })
+    }
+
+    fn events(&self) -> BoxStream<'static, BackendEvent> {
+        match lock(&self.inner.events_rx).take() {
+            Some(mut rx) => stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
+            None => stream::pending().boxed(),
+        }
+    }
+}
+
+/// Moves one execution's bytes: PTY master → `Stdout`, stderr pipe → `Stderr`, stdin channel →
+/// PTY master, and the init's exit report → `Exit`. Every send awaits the bounded channel, so a
+/// slow consumer stops the reads and the process blocks on its full terminal.
+struct Pump {
+    master: AsyncFd<OwnedFd>,
+    stderr: AsyncFd<OwnedFd>,
+    conn: tokio::net::UnixStream,
+    stdin: mpsc::Receiver<Bytes>,
+    events: mpsc::Sender<ExecutionEvent>,
+    cancel: CancellationToken,
+    inner: Weak<Inner>,
+    runner: RunnerId,
+}
+
+async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut guard = fd.readable().await?;
+        match guard
+            .try_io(|inner| rustix::io::read(inner.get_ref(), &mut *buf).map_err(io::Error::from))
+        {
+            Ok(result) => return result,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+async fn write_fd(fd: &AsyncFd<OwnedFd>, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        let mut guard = fd.writable().await?;
+        match guard.try_io(|inner| rustix::io::write(inner.get_ref(), buf).map_err(io::Error::from))
+        {
+            Ok(result) => return result,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+enum Step {
+    Out(io::Result<usize>),
+    Err(io::Result<usize>),
+    Control(io::Result<usize>),
+    Stdin(Option<Bytes>),
+    Wrote(io::Result<usize>),
+    Quiet,
+    Cancelled,
+}
+
+impl Pump {
+    async fn send(&self, event: ExecutionEvent) -> bool {
+        tokio::select! {
+            r = self.events.send(event) => r.is_ok(),
+            () = self.cancel.cancelled() => false,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut out_buf = vec![0u8; 16 * 1024];
+        let mut err_buf = vec![0u8; 16 * 1024];
+        let mut ctl_buf = [0u8; 256];
+        let mut control = Vec::new();
+        let (mut out_open, mut err_open, mut stdin_open) = (true, true, true);
+        let mut pending: Option<Bytes> = None;
+        let mut exit: Option<u8> = None;
+        let mut exited_at = Instant::now();
+        let mut quiet_until = tokio::time::Instant::now();
+        loop {
+            if exit.is_some() && !out_open && !err_open {
+                break;
+            }
+            let step = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => Step::Cancelled,
+                r = read_fd(&self.master, &mut out_buf), if out_open => Step::Out(r),
+                r = read_fd(&self.stderr, &mut err_buf), if err_open => Step::Err(r),
+                r = self.conn.read(&mut ctl_buf), if exit.is_none() => Step::Control(r),
+                b = self.stdin.recv(), if stdin_open && pending.is_none() => Step::Stdin(b),
+                r = write_fd(&self.master, pending.as_deref().unwrap_or_default()), if pending.is_some() => Step::Wrote(r),
+                () = tokio::time::sleep_until(quiet_until), if exit.is_some() => Step::Quiet,
+            };
+            match step {
+                Step::Cancelled => return,
+                Step::Out(Ok(n)) if n > 0 => {
+                    if !self
+                        .send(ExecutionEvent::Stdout(Bytes::copy_from_slice(
+                            &out_buf[..n],
+                        )))
+                        .await
+                    {
+                        return;
+                    }
+                }
+                Step::Out(_) => out_open = false,
+                Step::Err(Ok(n)) if n > 0 => {
+                    if !self
+                        .send(ExecutionEvent::Stderr(Bytes::copy_from_slice(
+                            &err_buf[..n],
+                        )))
+                        .await
+                    {
+                        return;
+                    }
+                }
+                Step::Err(_) => err_open = false,
+                Step::Control(Ok(n)) if n > 0 => {
+                    control.extend_from_slice(&ctl_buf[..n]);
+                    if control.len() >= 4 {
+                        let len =
+                            u32::from_be_bytes([control[0], control[1], control[2], control[3]])
+                                as usize;
+                        if control.len() >= 4 + len {
+                            match serde_json::from_slice::<Response>(&control[4..4 + len]) {
+                                Ok(Response::Exit { code }) => {
+                                    exit = Some(code);
+                                    exited_at = Instant::now();
+                                }
+                                _ => {
+                                    self.fail().await;
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                Step::Control(_) => {
+                    self.fail().await;
+                    return;
+                }
+                Step::Stdin(Some(b)) => pending = (!b.is_empty()).then_some(b),
+                Step::Stdin(None) => {
+                    stdin_open = false;
+                    // End of input on a terminal is its EOF character.
+                    pending = Some(Bytes::from_static(&[4]));
+                }
+                Step::Wrote(Ok(n)) => {
+                    pending = pending.and_then(|p| (n < p.len()).then(|| p.slice(n..)));
+                }
+                Step::Wrote(Err(_)) => pending = None,
+                Step::Quiet => break,
+            }
+            if exit.is_some() {
+                let now = tokio::time::Instant::now();
+                let hard = now + DRAIN_MAX.saturating_sub(exited_at.elapsed());
+                quiet_until = (now + DRAIN_QUIET).min(hard);
+            }
+        }
+        if let Some(code) = exit {
+            let _ = self.send(ExecutionEvent::Exit(code)).await;
+        }
+    }
+
+    /// The init went away without reporting an exit: the runner is gone.
+    async fn fail(&self) {
+        let oom = self.inner.upgrade().is_some_and(|i| {
+            i.driver.oom_killed(self.runner.as_str()) && !protocol_alive(&i, &self.runner)
+        });
+        let failure = if oom {
+            ExecutionFailure::OomKilled
+        } else {
+            ExecutionFailure::Failed
+        };
+        let _ = self.send(ExecutionEvent::Error(failure)).await;
+    }
+}
+
+fn protocol_alive(inner: &Inner, runner: &RunnerId) -> bool {
+    lock(&inner.runners)
+        .get(runner)
+        .is_some_and(|r| is_alive(&r.handle))
+}

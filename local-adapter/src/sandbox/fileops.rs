@@ -1,0 +1,401 @@
+//! File operations, run in a child of the init inside the runner's root with the request's
+//! credentials. Because they run inside the runner's mount namespace and root, a symlink or `..`
+//! planted by user code resolves inside the runner and can never reach the host.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{Gid, Uid};
+
+use super::USER_ID;
+use crate::protocol::{CopyHeader, Entry, Failure, Response, write_msg};
+
+/// The working directory relative paths are resolved against.
+pub(crate) const WORKSPACE: &str = "/workspace";
+
+/// Largest listing returned (entries), so a huge tree cannot exhaust memory.
+const MAX_ENTRIES: usize = 100_000;
+
+/// Serves one file operation on `conn` and exits.
+pub(crate) fn serve(mut conn: UnixStream, request: crate::protocol::Request) -> ! {
+    use crate::protocol::Request;
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let response = match request {
+        Request::Update { delete, copies } => update(&mut conn, &delete, &copies),
+        Request::List {
+            path,
+            recursive,
+            privileged,
+        } => {
+            if !privileged && drop_to_user().is_err() {
+                Response::NotFound
+            } else {
+                list(&path, recursive)
+            }
+        }
+        Request::Read { path, privileged } => {
+            if !privileged && drop_to_user().is_err() {
+                Response::NotFound
+            } else {
+                read(&mut conn, &path)
+            }
+        }
+        Request::Ping | Request::Exec { .. } => Response::Error {
+            message: "not a file operation".into(),
+        },
+    };
+    let _ = write_msg(&mut conn, &response);
+    std::process::exit(0)
+}
+
+fn drop_to_user() -> nix::Result<()> {
+    let (u, g) = (Uid::from_raw(USER_ID), Gid::from_raw(USER_ID));
+    nix::unistd::setgroups(&[])?;
+    nix::unistd::setresgid(g, g, g)?;
+    nix::unistd::setresuid(u, u, u)
+}
+
+/// `path.Clean` of Go, on an absolute path: `.`, `..` and repeated slashes resolved lexically.
+pub(crate) fn clean(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for p in path.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// A client path made absolute: relative paths are under [`WORKSPACE`].
+pub(crate) fn resolve(path: &str) -> String {
+    if path.starts_with('/') {
+        clean(path)
+    } else {
+        clean(&format!("{WORKSPACE}/{path}"))
+    }
+}
+
+fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+fn update(conn: &mut UnixStream, delete: &[String], copies: &[CopyHeader]) -> Response {
+    for d in delete {
+        if d == "./*" {
+            if let Ok(rd) = fs::read_dir(WORKSPACE) {
+                for e in rd.flatten() {
+                    remove(&e.path());
+                }
+            }
+        } else {
+            remove(Path::new(&resolve(d)));
+        }
+    }
+    let mut failures = Vec::new();
+    for c in copies {
+        let mut content = Vec::new();
+        if let Err(e) = Read::by_ref(conn).take(c.len).read_to_end(&mut content) {
+            return Response::Error {
+                message: format!("reading file content: {e}"),
+            };
+        }
+        if content.len() as u64 != c.len {
+            return Response::Error {
+                message: "file content ended early".into(),
+            };
+        }
+        if let Err(reason) = copy_one(&c.path, &content) {
+            failures.push(Failure {
+                path: c.path.clone(),
+                reason,
+            });
+        }
+    }
+    Response::Updated { failures }
+}
+
+fn remove(path: &Path) {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+fn create_parents(path: &Path) -> Result<(), String> {
+    if let Some(parent) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(|e| format!("Cannot mkdir: {}", errno_text(&e)))?;
+    }
+    Ok(())
+}
+
+fn copy_one(client_path: &str, content: &[u8]) -> Result<(), String> {
+    let is_dir = client_path.ends_with('/');
+    let path = PathBuf::from(resolve(client_path));
+    create_parents(&path)?;
+    if is_dir {
+        match fs::DirBuilder::new().mode(0o1777).create(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            Err(e) => return Err(format!("Cannot mkdir: {}", errno_text(&e))),
+        }
+        return fs::set_permissions(&path, fs::Permissions::from_mode(0o1777))
+            .map_err(|e| format!("Cannot change mode: {}", errno_text(&e)));
+    }
+    let open_new = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o744)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+    };
+    let mut file = match open_new() {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            if fs::symlink_metadata(&path)
+                .map(|m| m.is_dir())
+                .unwrap_or(false)
+            {
+                return Err("Cannot open: Is a directory".into());
+            }
+            match fs::remove_file(&path).and_then(|()| open_new()) {
+                Ok(f) => f,
+                Err(_) => fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(|e| format!("Cannot open: {}", errno_text(&e)))?,
+            }
+        }
+        Err(e) => return Err(format!("Cannot open: {}", errno_text(&e))),
+    };
+    file.write_all(content)
+        .map_err(|e| format!("Cannot write: {}", errno_text(&e)))?;
+    let _ = file.set_permissions(fs::Permissions::from_mode(0o744));
+    let _ = nix::unistd::fchown(&file, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
+    Ok(())
+}
+
+fn names(file: &str) -> HashMap<u32, String> {
+    let text = super::setup::read_small(Path::new(file));
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id = f.nth(1)?.parse().ok()?;
+            Some((id, name.to_string()))
+        })
+        .collect()
+}
+
+/// `ls -l` permission bits of `mode`, e.g. `rwxr--r--` or `rwxrwxrwt`.
+pub(crate) fn permissions(mode: u32) -> String {
+    let bit = |m: u32, c: char| if mode & m != 0 { c } else { '-' };
+    let exec = |x: u32, special: u32, set: char| match (mode & x != 0, mode & special != 0) {
+        (true, true) => set,
+        (false, true) => set.to_ascii_uppercase(),
+        (true, false) => 'x',
+        (false, false) => '-',
+    };
+    [
+        bit(0o400, 'r'),
+        bit(0o200, 'w'),
+        exec(0o100, 0o4000, 's'),
+        bit(0o040, 'r'),
+        bit(0o020, 'w'),
+        exec(0o010, 0o2000, 's'),
+        bit(0o004, 'r'),
+        bit(0o002, 'w'),
+        exec(0o001, 0o1000, 't'),
+    ]
+    .iter()
+    .collect()
+}
+
+fn entry_type(mode: u32) -> char {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => 'd',
+        libc::S_IFLNK => 'l',
+        libc::S_IFCHR => 'c',
+        libc::S_IFBLK => 'b',
+        libc::S_IFIFO => 'p',
+        libc::S_IFSOCK => 's',
+        _ => '-',
+    }
+}
+
+struct Lister {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+    entries: Vec<Entry>,
+}
+
+impl Lister {
+    fn entry(&self, name: String, path: &Path, meta: &fs::Metadata) -> Entry {
+        let mode = meta.mode();
+        let kind = entry_type(mode);
+        let link_target = if kind == 'l' {
+            fs::read_link(path)
+                .ok()
+                .map(|t| t.to_string_lossy().into_owned())
+        } else {
+            None
+        };
+        let id_name = |map: &HashMap<u32, String>, id: u32| {
+            map.get(&id).cloned().unwrap_or_else(|| id.to_string())
+        };
+        Entry {
+            name,
+            entry_type: kind,
+            link_target,
+            size: meta.size(),
+            modification_time: meta.mtime(),
+            permissions: permissions(mode),
+            owner: id_name(&self.users, meta.uid()),
+            group: id_name(&self.groups, meta.gid()),
+        }
+    }
+
+    fn dir(&mut self, dir: &Path, prefix: &str, recursive: bool) -> io::Result<()> {
+        let mut names: Vec<String> = fs::read_dir(dir)?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut subdirs = Vec::new();
+        for n in names {
+            if self.entries.len() >= MAX_ENTRIES {
+                break;
+            }
+            let p = dir.join(&n);
+            let Ok(meta) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.is_dir() {
+                subdirs.push(n.clone());
+            }
+            let e = self.entry(format!("{prefix}{n}"), &p, &meta);
+            self.entries.push(e);
+        }
+        if recursive {
+            for n in subdirs {
+                let _ = self.dir(&dir.join(&n), &format!("{prefix}{n}/"), true);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn list(client_path: &str, recursive: bool) -> Response {
+    let path = PathBuf::from(resolve(client_path));
+    let follow = client_path.ends_with('/') || client_path.is_empty();
+    let meta = if follow {
+        fs::metadata(&path)
+    } else {
+        fs::symlink_metadata(&path)
+    };
+    let Ok(meta) = meta else {
+        return Response::NotFound;
+    };
+    let mut lister = Lister {
+        users: names("/etc/passwd"),
+        groups: names("/etc/group"),
+        entries: Vec::new(),
+    };
+    if meta.is_dir() {
+        let prefix = if client_path.ends_with('/') || client_path.is_empty() {
+            client_path.to_string()
+        } else {
+            format!("{client_path}/")
+        };
+        if lister.dir(&path, &prefix, recursive).is_err() {
+            return Response::NotFound;
+        }
+    } else {
+        let e = lister.entry(client_path.to_string(), &path, &meta);
+        lister.entries.push(e);
+    }
+    Response::Listing {
+        entries: lister.entries,
+    }
+}
+
+fn read(conn: &mut UnixStream, client_path: &str) -> Response {
+    let path = resolve(client_path);
+    let Ok(file) = fs::File::open(&path) else {
+        return Response::NotFound;
+    };
+    let Ok(meta) = file.metadata() else {
+        return Response::NotFound;
+    };
+    if meta.is_dir() {
+        return Response::NotFound;
+    }
+    if meta.is_file() {
+        if write_msg(conn, &Response::File { size: meta.len() }).is_err() {
+            std::process::exit(0);
+        }
+        let _ = io::copy(&mut file.take(meta.len()), conn);
+    } else {
+        let mut content = Vec::new();
+        if file.take(64 << 20).read_to_end(&mut content).is_err() {
+            return Response::NotFound;
+        }
+        if write_msg(
+            conn,
+            &Response::File {
+                size: content.len() as u64,
+            },
+        )
+        .is_ok()
+        {
+            let _ = conn.write_all(&content);
+        }
+    }
+    std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_cleaned_like_go_and_relative_ones_land_in_the_workspace() {
+        assert_eq!(resolve("a.txt"), "/workspace/a.txt");
+        assert_eq!(resolve("./"), "/workspace");
+        assert_eq!(resolve("../../etc/passwd"), "/etc/passwd");
+        assert_eq!(resolve("/tmp//x/./y/../z"), "/tmp/x/z");
+        assert_eq!(clean("/.."), "/");
+    }
+
+    #[test]
+    fn permissions_render_like_ls() {
+        assert_eq!(permissions(0o744), "rwxr--r--");
+        assert_eq!(permissions(0o1777), "rwxrwxrwt");
+        assert_eq!(permissions(0o1776), "rwxrwxrwT");
+        assert_eq!(permissions(0o4755), "rwsr-xr-x");
+        assert_eq!(permissions(0o2644), "rw-r-Sr--");
+    }
+}

@@ -1,0 +1,564 @@
+//! A runner's init: pid 1 of the runner, serving its control socket.
+//!
+//! It spawns executions (passing the PTY master and the stderr pipe back to the server) and
+//! forks one child per file operation, which runs with the request's credentials inside the
+//! runner's root. It is single-threaded and event driven; every request is untrusted input:
+//! sizes are bounded, reads time out, and nothing a request says can make it panic.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+use rustix::pty::{OpenptFlags, openpt, ptsname, unlockpt};
+
+use super::setup::{self, StepError};
+use super::{SandboxSpec, USER_ID};
+use crate::cgroup::ExecKill;
+use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, write_msg};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds the sandbox and serves requests; never returns.
+pub(crate) fn run(spec: SandboxSpec, userns: OwnedFd) -> ! {
+    match setup_all(&spec, userns) {
+        Ok((listener, cgroup)) => {
+            report("ready");
+            let _ = setup::detach_stdio();
+            serve(listener, cgroup, &spec)
+        }
+        Err(e) => {
+            report(&format!("error {e}"));
+            std::process::exit(1)
+        }
+    }
+}
+
+fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{}", line.replace('\n', " "));
+    let _ = out.flush();
+}
+
+fn setup_all(
+    spec: &SandboxSpec,
+    userns: OwnedFd,
+) -> Result<(UnixListener, Option<OwnedFd>), StepError> {
+    setup::make_mounts_private()?;
+    let listener = setup::bind_control_socket(&spec.socket)?;
+    let cgroup = setup::open_exec_cgroup(spec)?;
+    let root = setup::build_root(spec, &userns)?;
+    setup::pivot_into(&root)?;
+    setup::mount_proc()?;
+    setup::configure_uts_and_loopback()?;
+    setup::enter_user_namespace(userns)?;
+    setup::harden()?;
+    Ok((listener, cgroup))
+}
+
+struct Running {
+    conn: Option<UnixStream>,
+    cgroup: Option<String>,
+}
+
+struct Init<'a> {
+    spec: &'a SandboxSpec,
+    cgroup: Option<OwnedFd>,
+    execs: HashMap<i32, Running>,
+    lingering: Vec<String>,
+    counter: u64,
+}
+
+fn serve(listener: UnixListener, cgroup: Option<OwnedFd>, spec: &SandboxSpec) -> ! {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
+    let sfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+        Ok(s) => s,
+        Err(_) => std::process::exit(1),
+    };
+    let mut init = Init {
+        spec,
+        cgroup,
+        execs: HashMap::new(),
+        lingering: Vec::new(),
+        counter: 0,
+    };
+    loop {
+        let exec_pids: Vec<i32> = init
+            .execs
+            .iter()
+            .filter(|(_, r)| r.conn.is_some())
+            .map(|(p, _)| *p)
+            .collect();
+        let mut readable = Vec::new();
+        {
+            let mut fds = vec![
+                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+            ];
+            for pid in &exec_pids {
+                if let Some(conn) = init.execs.get(pid).and_then(|r| r.conn.as_ref()) {
+                    fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+                }
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(_) => std::process::exit(1),
+            }
+            for (i, fd) in fds.iter().enumerate() {
+                if fd.revents().is_some_and(|r| !r.is_empty()) {
+                    readable.push(i);
+                }
+            }
+        }
+        for i in readable {
+            match i {
+                0 => init.accept_all(&listener),
+                1 => {
+                    while let Ok(Some(_)) = sfd.read_signal() {}
+                    init.reap();
+                }
+                n => {
+                    if let Some(pid) = exec_pids.get(n - 2) {
+                        init.check_cancel(*pid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Init<'_> {
+    fn accept_all(&mut self, listener: &UnixListener) {
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => self.handle(conn),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn handle(&mut self, mut conn: UnixStream) {
+        if conn.set_nonblocking(false).is_err()
+            || conn.set_read_timeout(Some(IO_TIMEOUT)).is_err()
+            || conn.set_write_timeout(Some(IO_TIMEOUT)).is_err()
+        {
+            return;
+        }
+        let request: Request = match read_msg(&mut conn, MAX_REQUEST) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        match request {
+            Request::Ping => {
+                let _ = write_msg(&mut conn, &Response::Ok);
+            }
+            Request::Exec {
+                command,
+                privileged,
+                env,
+            } => self.start_exec(conn, &command, privileged, &env),
+            other => self.fork_file_op(conn, other),
+        }
+    }
+
+    fn fork_file_op(&mut self, conn: UnixStream, request: Request) {
+        // SAFETY: the init is single-threaded, so the child may run arbitrary code.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+                let _ = conn.set_write_timeout(None);
+                reset_signals();
+                super::fileops::serve(conn, request)
+            }
+            Ok(ForkResult::Parent { .. }) => {}
+            Err(e) => {
+                let mut conn = conn;
+                let _ = write_msg(
+                    &mut conn,
+                    &Response::Error {
+                        message: format!("fork: {e}"),
+                    },
+                );
+            }
+        }
+    }
+
+    fn start_exec(
+        &mut self,
+        mut conn: UnixStream,
+        command: &str,
+        privileged: bool,
+        env: &[(String, String)],
+    ) {
+        match self.spawn(command, privileged, env) {
+            Ok((pid, master, stderr, cgroup)) => {
+                let sent =
+                    send_with_fds(&conn, &Response::Started, &[master.as_fd(), stderr.as_fd()]);
+                drop(master);
+                drop(stderr);
+                let conn = match sent.and_then(|()| conn.set_nonblocking(true)) {
+                    Ok(()) => Some(conn),
+                    Err(_) => {
+                        self.kill_tree(pid, cgroup.as_deref());
+                        None
+                    }
+                };
+                self.execs.insert(pid, Running { conn, cgroup });
+            }
+            Err(message) => {
+                let _ = write_msg(&mut conn, &Response::Error { message });
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn spawn(
+        &mut self,
+        command: &str,
+        privileged: bool,
+        env: &[(String, String)],
+    ) -> Result<(i32, OwnedFd, OwnedFd, Option<String>), String> {
+        let program = setup::cstring(command).ok_or("command contains NUL")?;
+        let mut envp = vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            format!("HOME={}", if privileged { "/root" } else { "/home/user" }),
+            "LANG=C.UTF-8".to_string(),
+            "TERM=xterm".to_string(),
+            "CODEOCEAN=true".to_string(),
+        ];
+        for (k, v) in env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(format!("invalid environment variable {k:?}"));
+            }
+            envp.retain(|e| !e.starts_with(&format!("{k}=")));
+            envp.push(format!("{k}={v}"));
+        }
+        let envp: Vec<CString> = envp.iter().filter_map(|e| setup::cstring(e)).collect();
+
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+            .map_err(|e| format!("openpt: {e}"))?;
+        unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
+        let slave = ptsname(&master, Vec::new()).map_err(|e| format!("ptsname: {e}"))?;
+        let _ = rustix::termios::tcsetwinsize(
+            &master,
+            rustix::termios::Winsize {
+                ws_row: 24,
+                ws_col: 80,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            },
+        );
+        let (err_r, err_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+
+        self.prune_cgroups();
+        self.counter += 1;
+        let cgroup = match (&self.cgroup, self.spec.exec_kill) {
+            (Some(dir), ExecKill::Freezer | ExecKill::CgroupKill) => {
+                let name = format!("e{}", self.counter);
+                nix::sys::stat::mkdirat(dir, name.as_str(), Mode::from_bits_truncate(0o755))
+                    .ok()
+                    .map(|()| name)
+            }
+            _ => None,
+        };
+        let limits = (self.spec.max_open_files, self.spec.max_file_size);
+        // SAFETY: the init is single-threaded, so the child may run arbitrary code before exec.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                drop(err_r);
+                let procs = match (&self.cgroup, &cgroup) {
+                    (Some(dir), Some(name)) => openat(
+                        dir,
+                        format!("{name}/cgroup.procs").as_str(),
+                        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .ok(),
+                    _ => None,
+                };
+                exec_child(ExecChild {
+                    program,
+                    envp,
+                    privileged,
+                    slave,
+                    stderr: err_w,
+                    procs,
+                    limits,
+                })
+            }
+            Ok(ForkResult::Parent { child }) => Ok((child.as_raw(), master, err_r, cgroup)),
+            Err(e) => Err(format!("fork: {e}")),
+        }
+    }
+
+    fn check_cancel(&mut self, pid: i32) {
+        let Some(running) = self.execs.get_mut(&pid) else {
+            return;
+        };
+        let Some(conn) = running.conn.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        let cancelled = match conn.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        if cancelled {
+            running.conn = None;
+            let cgroup = running.cgroup.clone();
+            self.kill_tree(pid, cgroup.as_deref());
+        }
+    }
+
+    /// Kills every process of an execution: its cgroup when there is one, and its process group.
+    fn kill_tree(&self, pid: i32, cgroup: Option<&str>) {
+        if let (Some(dir), Some(name)) = (&self.cgroup, cgroup) {
+            match self.spec.exec_kill {
+                ExecKill::Freezer => {
+                    let state = format!("{name}/freezer.state");
+                    write_at(dir, &state, b"FROZEN");
+                    for _ in 0..200 {
+                        if read_at(dir, &state).trim() != "FREEZING" {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    for p in read_at(dir, &format!("{name}/cgroup.procs")).lines() {
+                        if let Ok(p) = p.trim().parse::<i32>() {
+                            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                        }
+                    }
+                    write_at(dir, &state, b"THAWED");
+                }
+                ExecKill::CgroupKill => write_at(dir, &format!("{name}/cgroup.kill"), b"1"),
+                ExecKill::ProcessGroup => {}
+            }
+        }
+        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.finished(pid.as_raw(), code as u8),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.finished(pid.as_raw(), 128u8.wrapping_add(sig as u8))
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn finished(&mut self, pid: i32, code: u8) {
+        let Some(running) = self.execs.remove(&pid) else {
+            return;
+        };
+        if let Some(mut conn) = running.conn {
+            let _ = conn.set_nonblocking(false);
+            let _ = write_msg(&mut conn, &Response::Exit { code });
+        }
+        if let Some(name) = running.cgroup {
+            self.lingering.push(name);
+        }
+        self.prune_cgroups();
+    }
+
+    fn prune_cgroups(&mut self) {
+        let Some(dir) = &self.cgroup else {
+            return;
+        };
+        self.lingering.retain(|name| {
+            nix::unistd::unlinkat(dir, name.as_str(), nix::unistd::UnlinkatFlags::RemoveDir)
+                .is_err()
+        });
+    }
+}
+
+fn write_at(dir: &OwnedFd, path: &str, value: &[u8]) {
+    if let Ok(fd) = openat(dir, path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+        let _ = nix::unistd::write(&fd, value);
+    }
+}
+
+fn read_at(dir: &OwnedFd, path: &str) -> String {
+    let mut out = String::new();
+    if let Ok(fd) = openat(dir, path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+        let _ = std::fs::File::from(fd)
+            .take(1 << 20)
+            .read_to_string(&mut out);
+    }
+    out
+}
+
+/// Default dispositions and an empty mask, as a freshly exec'd program expects (the Rust
+/// runtime ignores SIGPIPE; the init blocks SIGCHLD).
+fn reset_signals() {
+    for sig in [Signal::SIGPIPE, Signal::SIGCHLD] {
+        // SAFETY: installing the default disposition has no handler to race with.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+struct ExecChild {
+    program: CString,
+    envp: Vec<CString>,
+    privileged: bool,
+    slave: CString,
+    stderr: OwnedFd,
+    procs: Option<OwnedFd>,
+    limits: (u64, u64),
+}
+
+/// The forked child of an execution: joins the execution's cgroup, takes the terminal, drops
+/// to `user` unless privileged, and execs `bash -c`.
+fn exec_child(c: ExecChild) -> ! {
+    reset_signals();
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        let msg = format!("poseidon: {what}: {e}\n");
+        // SAFETY: writing to fd 2 and exiting without unwinding in a forked child.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    if let Err(e) = nix::unistd::setsid() {
+        fail("setsid", &e);
+    }
+    if let Some(procs) = &c.procs {
+        let _ = nix::unistd::write(procs, b"0");
+    }
+    drop(c.procs);
+    let slave = match nix::fcntl::open(c.slave.as_c_str(), OFlag::O_RDWR, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(e) => fail("open terminal", &e),
+    };
+    let _ = rustix::process::ioctl_tiocsctty(&slave);
+    let (uid, gid) = if c.privileged {
+        (0, 0)
+    } else {
+        (USER_ID, USER_ID)
+    };
+    let _ = nix::unistd::fchown(&slave, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    // SAFETY: dup2 onto the standard descriptors of this (forked, single-threaded) process.
+    unsafe {
+        if libc::dup2(slave.as_raw_fd(), 0) < 0
+            || libc::dup2(slave.as_raw_fd(), 1) < 0
+            || libc::dup2(c.stderr.as_raw_fd(), 2) < 0
+        {
+            libc::_exit(127);
+        }
+    }
+    drop(slave);
+    drop(c.stderr);
+    // This process stays the session leader and only waits: when a session leader exits, the
+    // kernel hangs up the terminal's foreground process group, which would kill the command's
+    // background processes. The command runs in its own foreground group; before exiting, the
+    // leader makes its own group the foreground one, so only the leader is hung up.
+    // SAFETY: ignoring SIGTTOU has no handler to race with.
+    let _ =
+        unsafe { nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn) };
+    // SAFETY: this child is single-threaded (forked from the single-threaded init).
+    let main = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let me = nix::unistd::getpid();
+            let _ = nix::unistd::setpgid(me, me);
+            let _ = nix::unistd::tcsetpgrp(std::io::stdin(), me);
+            reset_signals();
+            // SAFETY: restoring the default disposition has no handler to race with.
+            let _ = unsafe {
+                nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)
+            };
+            exec_command(
+                Command {
+                    program: c.program,
+                    envp: c.envp,
+                    privileged: c.privileged,
+                    limits: c.limits,
+                },
+                uid,
+                gid,
+            )
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => fail("fork", &e),
+    };
+    let _ = nix::unistd::setpgid(main, main);
+    let _ = nix::unistd::tcsetpgrp(std::io::stdin(), main);
+    // SAFETY: closing our copies of stdout/stderr; only stdin is needed to restore the group.
+    unsafe {
+        libc::close(1);
+        libc::close(2);
+    }
+    let code = loop {
+        match waitpid(main, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => break 255,
+        }
+    };
+    let _ = nix::unistd::tcsetpgrp(std::io::stdin(), nix::unistd::getpgrp());
+    // SAFETY: `_exit` ends the forked leader without running destructors.
+    unsafe { libc::_exit(code) }
+}
+
+struct Command {
+    program: CString,
+    envp: Vec<CString>,
+    privileged: bool,
+    limits: (u64, u64),
+}
+
+/// The command's own process: limits, credentials, working directory, then `bash -c`.
+fn exec_command(c: Command, uid: u32, gid: u32) -> ! {
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        let msg = format!("poseidon: {what}: {e}\n");
+        // SAFETY: writing to fd 2 and exiting without unwinding in a forked child.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    use nix::sys::resource::{Resource, setrlimit};
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, c.limits.0, c.limits.0);
+    let _ = setrlimit(Resource::RLIMIT_FSIZE, c.limits.1, c.limits.1);
+    let drop_privileges = || -> nix::Result<()> {
+        let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+        nix::unistd::setgroups(&[])?;
+        nix::unistd::setresgid(g, g, g)?;
+        nix::unistd::setresuid(u, u, u)
+    };
+    if !c.privileged
+        && let Err(e) = drop_privileges()
+    {
+        fail("drop privileges", &e);
+    }
+    if nix::unistd::chdir("/workspace").is_err() {
+        let _ = nix::unistd::chdir("/");
+    }
+    let dash_c = c"-c";
+    for shell in [c"/bin/bash", c"/bin/sh"] {
+        let argv = [shell, dash_c, c.program.as_c_str()];
+        let _ = nix::unistd::execve(shell, &argv, &c.envp);
+    }
+    fail("exec /bin/bash", &Errno::last())
+}

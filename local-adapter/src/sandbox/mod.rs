@@ -1,0 +1,97 @@
+//! The sandbox side: everything that runs in a runner's helper and init process.
+//!
+//! The server never forks itself into a namespace. It re-executes its own binary
+//! (`/proc/self/exe`) with [`MARKER`] set; [`crate::sandbox_main_if_requested`] (called first
+//! in `main`, or from a constructor in test binaries) sees the marker and runs the helper, which
+//! joins the runner's cgroups, unshares the namespaces and forks the runner's init. The init
+//! builds the root filesystem, enters the user namespace, installs the seccomp filter and then
+//! serves its control socket until it is killed. It has no parent-death signal: runners outlive
+//! a `kill -9` of the server.
+
+pub(crate) mod fileops;
+pub(crate) mod init;
+pub(crate) mod seccomp;
+pub(crate) mod setup;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::ExecKill;
+
+/// Environment variable that turns a process started from this binary into a runner helper.
+pub(crate) const MARKER: &str = "POSEIDON_LOCAL_SANDBOX_HELPER";
+
+/// The uid/gid of the unprivileged `user` inside a runner.
+pub(crate) const USER_ID: u32 = 1000;
+
+/// How many ids a runner's user namespace maps.
+pub(crate) const ID_RANGE: u32 = 65_536;
+
+/// Everything the helper needs to build one runner (sent as JSON on its stdin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SandboxSpec {
+    pub runner_id: String,
+    /// The control socket to bind (a host path).
+    pub socket: PathBuf,
+    /// An empty host directory used as mount point while building the root (only inside the
+    /// runner's private mount namespace).
+    pub staging: PathBuf,
+    /// Host uid/gid of the sandbox's root; `ID_RANGE` ids are mapped from it.
+    pub uid_base: u32,
+    pub root: RootSpec,
+    pub disk_limit_mb: u32,
+    pub shm_limit_mb: u32,
+    pub procs_files: Vec<PathBuf>,
+    pub exec_parent: Option<PathBuf>,
+    pub exec_kill: ExecKill,
+    pub max_open_files: u64,
+    pub max_file_size: u64,
+}
+
+/// Where the runner's root filesystem comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum RootSpec {
+    /// The host's allow-listed directories, read-only, plus a generated `/etc` (lower layer of
+    /// an overlay, already owned by the sandbox's root).
+    Host { allow: Vec<PathBuf>, etc: PathBuf },
+    /// An image directory as the lower layer of an overlay over the whole root.
+    Image {
+        dir: PathBuf,
+        passwd: String,
+        group: String,
+    },
+}
+
+/// Runs the helper if this process was started as one; returns otherwise.
+pub(crate) fn run_if_requested() {
+    if std::env::var_os(MARKER).is_none() {
+        return;
+    }
+    let code = match helper() {
+        Ok(()) => 0,
+        Err(message) => {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "error {}", message.replace('\n', " "));
+            let _ = out.flush();
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn helper() -> Result<(), String> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .take(1 << 20)
+        .read_to_end(&mut input)
+        .map_err(|e| format!("reading the specification: {e}"))?;
+    let spec: SandboxSpec =
+        serde_json::from_slice(&input).map_err(|e| format!("bad specification: {e}"))?;
+    setup::join_cgroups(&spec).map_err(|e| e.to_string())?;
+    // Created before the pid namespace, so the helper sees its holder's pid as /proc shows it.
+    let userns = setup::create_user_namespace(spec.uid_base).map_err(|e| e.to_string())?;
+    setup::unshare_namespaces().map_err(|e| e.to_string())?;
+    setup::fork_init(spec, userns).map_err(|e| e.to_string())
+}

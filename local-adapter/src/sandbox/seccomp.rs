@@ -1,0 +1,143 @@
+//! The seccomp filter every process of a runner runs under (installed by the init, inherited by
+//! all it spawns).
+//!
+//! It denies what could leak across sandboxes or escape one: new namespaces, the mount API,
+//! keyrings, io_uring, userfaultfd, tracing other processes, kernel module and kexec calls.
+//! `clone3` is answered with `ENOSYS` so libcs fall back to `clone`, whose flags a classic BPF
+//! filter can inspect.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Why the filter could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SeccompError {
+    #[error("unsupported architecture {0}")]
+    Arch(&'static str),
+    #[error("building the filter: {0}")]
+    Build(#[from] seccompiler::BackendError),
+    #[error("installing the filter: {0}")]
+    Install(#[from] seccompiler::Error),
+}
+
+const DENIED: &[i64] = &[
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_open_tree,
+    libc::SYS_move_mount,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_mount_setattr,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_userfaultfd,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_syslog,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_kcmp,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+];
+
+const NAMESPACE_FLAGS: &[i32] = &[
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWCGROUP,
+    libc::CLONE_NEWTIME,
+];
+
+fn arch() -> Result<TargetArch, SeccompError> {
+    TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))
+}
+
+/// The two programs: `clone3` → ENOSYS, and the deny list (with `clone` + namespace flags) →
+/// EPERM. Everything else is allowed.
+pub(crate) fn programs() -> Result<[BpfProgram; 2], SeccompError> {
+    let arch = arch()?;
+    let clone3: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, vec![])].into();
+    let clone3 = SeccompFilter::new(
+        clone3,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )?;
+    let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&nr| (nr, vec![])).collect();
+    let mut clone_rules = Vec::new();
+    for &flag in NAMESPACE_FLAGS {
+        let flag = u64::from(flag as u32);
+        clone_rules.push(SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )?])?);
+    }
+    denied.insert(libc::SYS_clone, clone_rules);
+    let denied = SeccompFilter::new(
+        denied,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )?;
+    Ok([clone3.try_into()?, denied.try_into()?])
+}
+
+/// Installs both programs on the calling thread (requires `no_new_privs`).
+pub(crate) fn install(programs: &[BpfProgram; 2]) -> Result<(), SeccompError> {
+    for p in programs {
+        seccompiler::apply_filter(p)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_compiles_for_this_machine() {
+        let [a, b] = programs().unwrap();
+        assert!(!a.is_empty());
+        assert!(b.len() > DENIED.len());
+    }
+}
