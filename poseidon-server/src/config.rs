@@ -27,6 +27,15 @@ fn invalid(key: &str, problem: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("`{key}`: {problem}"))
 }
 
+/// A key present without a value (`images:`) means its default.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// `server.tls`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -111,6 +120,7 @@ pub struct LocalConfig {
     pub datadir: PathBuf,
     /// Image name → root filesystem directory; an image not listed runs on the host's system
     /// directories (allow-list).
+    #[serde(deserialize_with = "null_as_default")]
     pub images: BTreeMap<String, PathBuf>,
 }
 
@@ -197,6 +207,7 @@ pub struct Config {
     /// Sentry (accepted; `sentry.release` feeds `/version`).
     pub sentry: BTreeMap<String, figment::value::Value>,
     /// Environments created at start-up when they do not exist yet.
+    #[serde(deserialize_with = "null_as_default")]
     pub environments: Vec<ExecutionEnvironment>,
 }
 
@@ -423,6 +434,17 @@ mod tests {
         assert!(msg(&[("POSEIDON_LOGGER_LEVEL", "loud")]).contains("logger.level"));
         assert!(msg(&[("POSEIDON_SERVER_TLS_ACTIVE", "true")]).contains("server.tls.certfile"));
         assert!(msg(&[("POSEIDON_SERVER_BODYLIMIT", "-1")]).contains("server.bodylimit"));
+    }
+
+    #[test]
+    fn the_example_configuration_is_valid() {
+        let example = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configuration.example.yaml"
+        ));
+        let c = Config::load(example, vars(&[])).expect("example is valid");
+        assert_eq!(c.listen_addr().to_string(), "127.0.0.1:7200");
+        assert!((c.server.alert.prewarmingpoolthreshold - 0.5).abs() < f64::EPSILON);
     }
 
     #[test]
