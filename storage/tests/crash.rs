@@ -10,17 +10,18 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use common::{environment, runner, used};
+use common::{at_ms, environment, runner, used};
 use runner_core::{RunnerId, RunnerState};
 use storage::StateStore;
 
 /// Set (to the store path) only in the child's environment.
 const CHILD_STORE_VAR: &str = "STORAGE_CRASH_TEST_STORE";
-/// How many acknowledgements the parent waits for before it kills the writer.
-const ACKS_BEFORE_KILL: usize = 60;
+/// How many acknowledgements the parent waits for before it kills each writer.
+const KILL_AFTER_ACKS: [usize; 3] = [7, 60, 150];
 /// The writer stops by itself after this many rounds, should the parent never kill it.
 const MAX_ROUNDS: u64 = 100_000;
 
@@ -33,6 +34,18 @@ fn acknowledged_writes_survive_kill_9() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.redb");
+    // Several writers in turn on one file, killed after different numbers of writes, so the
+    // kill lands at different points of a commit and each reopen starts from a crashed file.
+    for acks_before_kill in KILL_AFTER_ACKS {
+        let acked = run_writer_until_killed(&path, acks_before_kill);
+        assert!(acked.len() >= acks_before_kill);
+        assert_acknowledged_writes_are_stored(&path, &acked);
+    }
+}
+
+/// Starts a writer on `path`, SIGKILLs it once it acknowledged `acks_before_kill` writes, and
+/// returns every acknowledgement it printed before it died.
+fn run_writer_until_killed(path: &Path, acks_before_kill: usize) -> Vec<String> {
     let mut child = KillOnDrop(
         Command::new(std::env::current_exe().unwrap())
             .args([
@@ -41,7 +54,7 @@ fn acknowledged_writes_survive_kill_9() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(CHILD_STORE_VAR, &path)
+            .env(CHILD_STORE_VAR, path)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -51,7 +64,7 @@ fn acknowledged_writes_survive_kill_9() {
     let mut lines = BufReader::new(stdout).lines();
 
     let mut acked = Vec::new();
-    while acked.len() < ACKS_BEFORE_KILL {
+    while acked.len() < acks_before_kill {
         let line = lines
             .next()
             .expect("the writer ended before it was killed")
@@ -73,8 +86,11 @@ fn acknowledged_writes_survive_kill_9() {
             acked.push(ack.to_owned());
         }
     }
+    acked
+}
 
-    let store = StateStore::open(&path).unwrap();
+fn assert_acknowledged_writes_are_stored(path: &Path, acked: &[String]) {
+    let store = StateStore::open(path).unwrap();
     assert!(!store.previous_shutdown_was_clean());
     let runners: BTreeMap<_, _> = store
         .runners()
@@ -84,8 +100,7 @@ fn acknowledged_writes_survive_kill_9() {
         .collect();
     let environments = store.environments().unwrap();
 
-    let mut checked = 0;
-    for ack in &acked {
+    for ack in acked {
         let mut words = ack.split(' ');
         match (words.next(), words.next()) {
             (Some("env"), Some(id)) => {
@@ -110,21 +125,16 @@ fn acknowledged_writes_survive_kill_9() {
                 let RunnerState::Used(state) = found.state else {
                     panic!("the used-mark of round {round} was lost: {found:?}");
                 };
-                let RunnerState::Used(marked) = used(30, Some(deadline_ms(round, 0))) else {
-                    unreachable!()
-                };
-                assert_eq!(state.inactivity_timeout, marked.inactivity_timeout);
+                assert_eq!(state.inactivity_timeout, Duration::from_secs(30));
                 // Eventual refreshes only ever move the deadline later.
                 assert!(
-                    state.deadline >= marked.deadline,
+                    state.deadline >= Some(at_ms(deadline_ms(round, 0))),
                     "round {round}: {state:?}"
                 );
             }
             _ => panic!("unexpected acknowledgement {ack:?}"),
         }
-        checked += 1;
     }
-    assert!(checked >= ACKS_BEFORE_KILL);
 }
 
 fn runner_id(round: u64) -> String {
@@ -161,7 +171,7 @@ fn write_until_killed(path: PathBuf) {
         ack(format!("used {round}"));
         for refresh in 1..=3 {
             store
-                .refresh_deadline(&id, common::at_ms(deadline_ms(round, refresh)))
+                .refresh_deadline(&id, at_ms(deadline_ms(round, refresh)))
                 .unwrap();
         }
     }
