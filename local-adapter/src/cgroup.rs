@@ -88,6 +88,9 @@ pub trait CgroupDriver: Send + Sync + fmt::Debug {
 
     /// Whether the kernel killed a process of the runner for memory.
     fn oom_killed(&self, runner: &str) -> bool;
+
+    /// Removes the instance directory when no runner cgroup is left in it.
+    fn remove_instance_if_empty(&self);
 }
 
 fn cg_err(path: &Path) -> impl FnOnce(io::Error) -> LocalError + '_ {
@@ -309,6 +312,12 @@ impl CgroupDriver for V1Driver {
             "oom_kill",
         ) > 0
     }
+
+    fn remove_instance_if_empty(&self) {
+        for c in V1_CONTROLLERS {
+            let _ = fs::remove_dir(self.root.join(c).join(&self.instance));
+        }
+    }
 }
 
 /// cgroup v2: one unified hierarchy; `base` is this instance's parent cgroup.
@@ -385,6 +394,12 @@ impl CgroupDriver for V2Driver {
     fn oom_killed(&self, runner: &str) -> bool {
         counter(&self.base.join(runner).join("memory.events"), "oom_kill") > 0
     }
+
+    fn remove_instance_if_empty(&self) {
+        if self.runners().is_empty() {
+            let _ = remove_tree(&self.base, Duration::ZERO);
+        }
+    }
 }
 
 /// No cgroups: rlimits only; memory, process count and CPU are not limited per runner.
@@ -419,6 +434,8 @@ impl CgroupDriver for NoCgroups {
     fn oom_killed(&self, _: &str) -> bool {
         false
     }
+
+    fn remove_instance_if_empty(&self) {}
 }
 
 /// Picks the driver for this machine: v1 when the memory, pids, cpu and freezer hierarchies are
@@ -493,6 +510,8 @@ mod tests {
         assert!(!dir.exists());
         assert!(driver.runners().is_empty());
         driver.destroy("1-abc").unwrap();
+        driver.remove_instance_if_empty();
+        assert!(!base.exists());
     }
 
     #[test]

@@ -229,6 +229,14 @@ impl LocalExecutor {
 
     fn start_blocking(mut config: LocalConfig) -> Result<LocalExecutor, LocalError> {
         check_features(&config)?;
+        // Runner inits are orphaned when their helper exits; as the subreaper, this process gets
+        // them back and reaps them when it destroys them, instead of leaving zombies to a host
+        // init that may reap lazily. After a restart they belong to the host's init again.
+        if let Err(e) = rustix::process::set_child_subreaper(rustix::process::Pid::from_raw(
+            std::process::id() as i32,
+        )) {
+            warn!(error = %e, "cannot become the child subreaper; destroyed runners are reaped by the host's init");
+        }
         let dir_err = |path: &Path| {
             let path = path.to_owned();
             move |source| LocalError::DataDir { path, source }
@@ -311,8 +319,15 @@ impl LocalExecutor {
     /// Leaves every runner running (the next start reattaches to them) and closes the store
     /// cleanly, so the next start trusts its idle records.
     pub async fn shutdown(&self) {
-        let store = self.inner.store.clone();
-        match tokio::task::spawn_blocking(move || store.close()).await {
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || {
+            if lock(&inner.runners).is_empty() {
+                inner.driver.remove_instance_if_empty();
+            }
+            inner.store.close()
+        })
+        .await
+        {
             Ok(Ok(())) => info!("local backend shut down; runners left in place"),
             Ok(Err(e)) => error!(error = %e, "closing the state store failed"),
             Err(e) => error!(error = %e, "closing the state store failed"),
@@ -489,20 +504,24 @@ fn kill_init(handle: &Handle) {
     }
     let pid = nix::unistd::Pid::from_raw(handle.pid);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    // Reap it if it became our child (we may be its subreaper); otherwise wait until it is gone.
+    // Reap it when it is our child (we are the subreaper of the inits we started); otherwise
+    // wait until it is gone or a zombie of someone else.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        match std::fs::read_to_string(format!("/proc/{}/stat", handle.pid)) {
-            Err(_) => return,
-            Ok(s) if start_time(handle.pid) != Some(handle.start_time) => {
-                let _ = s;
-                return;
-            }
-            Ok(s) => {
-                if s.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-                {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+            Ok(_) => return,
+            Err(_) => {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", handle.pid));
+                let gone = match stat {
+                    Err(_) => true,
+                    Ok(s) => {
+                        start_time(handle.pid) != Some(handle.start_time)
+                            || s.rsplit_once(')')
+                                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+                    }
+                };
+                if gone {
                     return;
                 }
             }
@@ -538,7 +557,8 @@ async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
             .map_err(|e| LocalError::io("writing to the sandbox helper", e))?;
         drop(stdin);
         let mut lines = BufReader::new(stdout).lines();
-        let mut pid = None;
+        // The helper's "pid" and the init's "ready" may arrive in either order.
+        let (mut pid, mut ready) = (None, false);
         while let Some(line) = lines
             .next_line()
             .await
@@ -547,7 +567,11 @@ async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
             if let Some(p) = line.strip_prefix("pid ") {
                 pid = p.trim().parse::<i32>().ok();
             } else if line == "ready" {
-                let pid = pid.ok_or_else(|| LocalError::Sandbox("init pid unknown".into()))?;
+                ready = true;
+            } else if let Some(message) = line.strip_prefix("error ") {
+                return Err(LocalError::Sandbox(message.to_string()));
+            }
+            if let (Some(pid), true) = (pid, ready) {
                 let start_time = start_time(pid)
                     .ok_or_else(|| LocalError::Sandbox("init vanished after start".into()))?;
                 return Ok(Handle {
@@ -555,8 +579,6 @@ async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
                     start_time,
                     socket: spec.socket.clone(),
                 });
-            } else if let Some(message) = line.strip_prefix("error ") {
-                return Err(LocalError::Sandbox(message.to_string()));
             }
         }
         Err(LocalError::Sandbox(

@@ -8,7 +8,7 @@
 //! [`sandbox_main_if_requested`] before anything else in `main` (before starting a runtime or any
 //! thread):
 //!
-//! ```ignore
+//! ```text
 //! fn main() {
 //!     local_adapter::sandbox_main_if_requested();
 //!     // … start tokio, then `LocalExecutor::start(config).await` …
@@ -18,7 +18,7 @@
 //! Test binaries have no `main` of their own: call it from a constructor that runs before the
 //! test harness, e.g. with the `ctor` crate:
 //!
-//! ```ignore
+//! ```text
 //! #[ctor::ctor]
 //! fn sandbox_hook() {
 //!     local_adapter::sandbox_main_if_requested();

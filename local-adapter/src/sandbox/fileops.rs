@@ -24,6 +24,8 @@ const MAX_ENTRIES: usize = 100_000;
 pub(crate) fn serve(mut conn: UnixStream, request: crate::protocol::Request) -> ! {
     use crate::protocol::Request;
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    // As for a command: `/proc/self/cwd` and relative lookups see the working directory.
+    let _ = nix::unistd::chdir(WORKSPACE);
     let response = match request {
         Request::Update { delete, copies } => update(&mut conn, &delete, &copies),
         Request::List {

@@ -17,9 +17,34 @@ fn sandbox_hook() {
     local_adapter::sandbox_main_if_requested();
 }
 
+/// An executor on a private data directory. Dropping it (also when a test panics) destroys the
+/// runners it created and shuts the executor down, so no sandbox or cgroup outlives a test.
 pub struct Fixture {
     pub executor: LocalExecutor,
     pub dir: tempfile::TempDir,
+    created: std::sync::Mutex<Vec<RunnerId>>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let executor = self.executor.clone();
+        let runners = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                for r in runners {
+                    let _ = executor
+                        .destroy_runner(&r, &DestroyReason::ApiRequest)
+                        .await;
+                }
+                executor.shutdown().await;
+            });
+        });
+        let _ = cleanup.join();
+    }
 }
 
 pub fn init_tracing() {
@@ -48,7 +73,11 @@ impl Fixture {
         let executor = LocalExecutor::start(config(dir.path()))
             .await
             .expect("start");
-        Self { executor, dir }
+        Self {
+            executor,
+            dir,
+            created: Default::default(),
+        }
     }
 
     pub async fn runner(&self) -> RunnerId {

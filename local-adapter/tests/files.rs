@@ -1,0 +1,357 @@
+//! File operations through `ExecutorApi` against real sandboxes, with Poseidon's semantics.
+
+mod common;
+
+use bytes::Bytes;
+use common::{Fixture, request, run, run_with};
+use futures::StreamExt;
+use runner_core::{ExecutorApi, FileCopy, FileError, FileUpdate, ListFilesRequest, RunnerId};
+
+fn copy(path: &str, content: &str) -> FileCopy {
+    FileCopy {
+        path: path.into(),
+        content: Bytes::from(content.to_string()),
+    }
+}
+
+fn update(copies: Vec<FileCopy>) -> FileUpdate {
+    FileUpdate {
+        delete: vec![],
+        copy: copies,
+    }
+}
+
+fn list(path: &str, recursive: bool, privileged: bool) -> ListFilesRequest {
+    ListFilesRequest {
+        path: path.into(),
+        recursive,
+        privileged,
+    }
+}
+
+async fn read(
+    f: &Fixture,
+    r: &RunnerId,
+    path: &str,
+    privileged: bool,
+) -> Result<Vec<u8>, FileError> {
+    let content = f.executor.read_file(r, path, privileged).await?;
+    let mut body = content.body;
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    assert_eq!(out.len() as u64, content.size);
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn copied_files_are_root_owned_0744_and_listed_like_ls() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    assert!(
+        f.executor
+            .list_files(&r, &list("./", true, false))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    f.executor
+        .update_files(
+            &r,
+            &update(vec![
+                copy("test.txt", ""),
+                copy("relative/file/path.txt", "relative"),
+                copy("/tmp/absolute/file/path.txt", "absolute"),
+            ]),
+        )
+        .await
+        .unwrap();
+    let files = f
+        .executor
+        .list_files(&r, &list("./", false, false))
+        .await
+        .unwrap();
+    let names: Vec<&str> = files.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["./relative", "./test.txt"]);
+    let t = &files[1];
+    assert_eq!((t.entry_type, t.size), ('-', 0));
+    assert_eq!(t.permissions, "rwxr--r--");
+    assert_eq!((t.owner.as_str(), t.group.as_str()), ("root", "root"));
+    assert_eq!(files[0].entry_type, 'd');
+    let all = f
+        .executor
+        .list_files(&r, &list("./", true, false))
+        .await
+        .unwrap();
+    let names: Vec<&str> = all.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "./relative",
+            "./test.txt",
+            "./relative/file",
+            "./relative/file/path.txt"
+        ]
+    );
+    let o = run(
+        &f.executor,
+        &r,
+        "cat relative/file/path.txt /tmp/absolute/file/path.txt",
+    )
+    .await;
+    assert_eq!(o.out(), "relativeabsolute");
+    let cwd = f
+        .executor
+        .list_files(&r, &list("/proc/self/cwd", false, false))
+        .await
+        .unwrap();
+    assert_eq!(cwd.len(), 1);
+    assert_eq!(cwd[0].name, "/proc/self/cwd");
+    assert_eq!(cwd[0].entry_type, 'l');
+    assert_eq!(cwd[0].link_target.as_deref(), Some("/workspace"));
+    let init_cwd = f
+        .executor
+        .list_files(&r, &list("/proc/1/cwd", false, false))
+        .await
+        .unwrap();
+    assert_eq!(init_cwd[0].entry_type, 'l');
+    assert_eq!(init_cwd[0].link_target, None);
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deletes_happen_before_copies() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    f.executor
+        .update_files(&r, &update(vec![copy("a.txt", "A"), copy("d/b.txt", "B")]))
+        .await
+        .unwrap();
+    f.executor
+        .update_files(
+            &r,
+            &FileUpdate {
+                delete: vec!["a.txt".into(), "d".into()],
+                copy: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    let o = run(&f.executor, &r, "cat a.txt").await;
+    assert!(
+        o.err().contains("No such file or directory"),
+        "{:?}",
+        o.err()
+    );
+    assert!(!run(&f.executor, &r, "ls").await.out().contains('d'));
+    f.executor
+        .update_files(
+            &r,
+            &FileUpdate {
+                delete: vec!["c.txt".into()],
+                copy: vec![copy("c.txt", "C")],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(run(&f.executor, &r, "cat c.txt").await.out(), "C");
+    f.executor
+        .update_files(
+            &r,
+            &FileUpdate {
+                delete: vec!["./*".into()],
+                copy: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        f.executor
+            .list_files(&r, &list("./", true, true))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn protected_folders_let_user_add_but_not_remove_root_files() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    f.executor
+        .update_files(
+            &r,
+            &update(vec![
+                copy("protectedFolder/", ""),
+                copy("protectedFolder/test.txt", "orig"),
+            ]),
+        )
+        .await
+        .unwrap();
+    let dir = f
+        .executor
+        .list_files(&r, &list("./", false, false))
+        .await
+        .unwrap();
+    assert_eq!(dir[0].permissions, "rwxrwxrwt");
+    let o = run(&f.executor, &r, "touch protectedFolder/userfile").await;
+    assert_eq!(
+        (o.out(), o.err(), o.code()),
+        (String::new(), String::new(), Some(0))
+    );
+    let o = run(&f.executor, &r, "rm -f protectedFolder/test.txt").await;
+    assert!(o.err().contains("Operation not permitted"), "{:?}", o.err());
+    let o = run(&f.executor, &r, "rm -fr protectedFolder/").await;
+    assert!(o.err().contains("Operation not permitted"), "{:?}", o.err());
+    let o = run(&f.executor, &r, "echo Hi >> protectedFolder/test.txt").await;
+    assert!(o.err().contains("Permission denied"), "{:?}", o.err());
+    assert_eq!(
+        read(&f, &r, "protectedFolder/test.txt", false)
+            .await
+            .unwrap(),
+        b"orig"
+    );
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_failed_path_is_named_and_the_others_are_written() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let err = f
+        .executor
+        .update_files(
+            &r,
+            &update(vec![copy("/proc/1/environ", "x"), copy("test.txt", "ok")]),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        FileError::Partial(failures) => {
+            assert_eq!(failures.len(), 1);
+            assert_eq!(failures[0].path, "/proc/1/environ");
+            assert!(
+                failures[0].reason.starts_with("Cannot open: "),
+                "{failures:?}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(run(&f.executor, &r, "cat test.txt").await.out(), "ok");
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_file_streams_exact_bytes_or_reports_not_found() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    assert!(matches!(
+        read(&f, &r, "test.txt", false).await,
+        Err(FileError::NotFound)
+    ));
+    let content: String = (0..100_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    f.executor
+        .update_files(&r, &update(vec![copy("test.txt", &content)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&f, &r, "test.txt", false).await.unwrap(),
+        content.as_bytes()
+    );
+    assert!(matches!(
+        read(&f, &r, "/proc/1/environ", false).await,
+        Err(FileError::NotFound)
+    ));
+    assert!(matches!(
+        read(&f, &r, "./", false).await,
+        Err(FileError::NotFound)
+    ));
+    // What `user` cannot read stays hidden without privilege.
+    let mut req = request("echo secret > /root/secret.txt; chmod 600 /root/secret.txt");
+    req.privileged_execution = true;
+    assert_eq!(run_with(&f.executor, &r, req, None).await.code(), Some(0));
+    assert!(matches!(
+        read(&f, &r, "/root/secret.txt", false).await,
+        Err(FileError::NotFound)
+    ));
+    assert_eq!(
+        read(&f, &r, "/root/secret.txt", true).await.unwrap(),
+        b"secret\n"
+    );
+    assert!(matches!(
+        f.executor
+            .list_files(&r, &list("/root", false, false))
+            .await,
+        Err(FileError::NotFound)
+    ));
+    assert_eq!(
+        f.executor
+            .list_files(&r, &list("/root", false, true))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn planted_symlinks_and_dot_dots_stay_inside_the_runner() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let host = tempfile::tempdir().unwrap();
+    let marker = host.path().join("marker.txt");
+    std::fs::write(&marker, "host secret").unwrap();
+    let marker = marker.to_string_lossy().into_owned();
+    let o = run(
+        &f.executor,
+        &r,
+        &format!(
+            "ln -s {marker} m; ln -s / root; ln -s /etc/shadow s; ln -s {} hostdir",
+            host.path().display()
+        ),
+    )
+    .await;
+    assert_eq!(o.code(), Some(0), "{}", o.err());
+    for path in [
+        "m",
+        "s",
+        "../../../../etc/shadow",
+        &marker,
+        "root/etc/shadow",
+    ] {
+        for privileged in [false, true] {
+            assert!(
+                matches!(
+                    read(&f, &r, path, privileged).await,
+                    Err(FileError::NotFound)
+                ),
+                "{path} was readable"
+            );
+        }
+    }
+    let escape = "hostdir/escape.txt".to_string();
+    let _ = f
+        .executor
+        .update_files(
+            &r,
+            &update(vec![
+                copy(&escape, "x"),
+                copy("../../../..//tmp/dots.txt", "y"),
+                copy("m", "z"),
+            ]),
+        )
+        .await;
+    assert!(!host.path().join("escape.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("marker.txt")).unwrap(),
+        "host secret"
+    );
+    // `..` beyond the root stays at the runner's root.
+    assert_eq!(run(&f.executor, &r, "cat /tmp/dots.txt").await.out(), "y");
+    f.destroy(&r).await;
+}

@@ -1,0 +1,124 @@
+//! A runner cannot see or reach the host, other runners, or its own way out.
+
+mod common;
+
+use common::{Fixture, request, run, run_with};
+use runner_core::RunnerId;
+
+async fn root(f: &Fixture, r: &RunnerId, cmd: &str) -> common::Outcome {
+    let mut req = request(cmd);
+    req.privileged_execution = true;
+    run_with(&f.executor, r, req, None).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runners_cannot_see_each_others_files_or_processes() {
+    let f = Fixture::new().await;
+    let a = f.runner().await;
+    let b = f.runner().await;
+    let o = root(
+        &f,
+        &a,
+        "echo a > /workspace/secret; echo a > /tmp/secret; echo x >> /etc/os-release; sleep 1000 &",
+    )
+    .await;
+    assert_eq!(o.code(), Some(0), "{}", o.err());
+    let o = root(&f, &b, "cat /workspace/secret /tmp/secret; ls -A /workspace /tmp; grep -c '^x$' /etc/os-release; ls /proc | grep -c '^[0-9]'").await;
+    assert!(!o.out().contains("a\r\n"), "{}", o.out());
+    assert!(o.err().contains("No such file"), "{}", o.err());
+    let out = o.out();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.trim() == "0").count(),
+        1,
+        "{lines:?}"
+    );
+    let procs: usize = lines.last().unwrap().trim().parse().unwrap();
+    assert!(procs < 8, "runner b sees {procs} processes");
+    f.destroy(&a).await;
+    f.destroy(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_secrets_and_directories_are_absent() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let data = f.dir.path().display().to_string();
+    for cmd in [
+        "cat /etc/shadow".to_string(),
+        "cat /etc/gshadow".to_string(),
+        "ls /work".to_string(),
+        format!("ls {data}"),
+        "ls /root/.cargo".to_string(),
+        "ls /sys/fs/cgroup".to_string(),
+        "ls /etc/ssh".to_string(),
+    ] {
+        for o in [run(&f.executor, &r, &cmd).await, root(&f, &r, &cmd).await] {
+            assert_ne!(o.code(), Some(0), "{cmd} succeeded: {}", o.out());
+        }
+    }
+    let o = run(
+        &f.executor,
+        &r,
+        "ls /home; grep -c . /etc/passwd; ls -ld /usr | awk '{print $3}'",
+    )
+    .await;
+    assert_eq!(o.out(), "user\r\n3\r\nroot\r\n");
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_loopback_services_are_unreachable() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let o = root(&f, &r, &format!("echo hi > /dev/tcp/127.0.0.1/{port}")).await;
+    assert_ne!(o.code(), Some(0));
+    assert!(o.err().contains("Connection refused"), "{}", o.err());
+    assert!(
+        listener.accept().is_err(),
+        "the host listener got a connection"
+    );
+    // Loopback inside the runner works.
+    let o = run(
+        &f.executor,
+        &r,
+        "python3 -c \"import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); c=socket.create_connection(s.getsockname()); print('ok')\"",
+    )
+    .await;
+    assert_eq!(o.out(), "ok\r\n", "{}", o.err());
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_root_cannot_remount_unmount_or_escape() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    for cmd in [
+        "mount -o remount,rw /usr",
+        "umount /etc",
+        "umount -l /proc",
+        "mount -t tmpfs none /mnt",
+        "touch /usr/escape",
+        "unshare -U true",
+        "unshare -m true",
+        "chroot / true",
+        "echo 1 > /proc/sys/kernel/sysrq",
+        "hostname evil",
+        "ip link set lo down",
+        "cat /proc/1/environ",
+    ] {
+        let o = root(&f, &r, cmd).await;
+        assert_ne!(o.code(), Some(0), "{cmd} succeeded as sandbox root");
+    }
+    let o = root(
+        &f,
+        &r,
+        "id -u; echo x > /etc/new && cat /etc/new; ls /usr/bin/bash",
+    )
+    .await;
+    assert_eq!(o.out(), "0\r\nx\r\n/usr/bin/bash\r\n", "{}", o.err());
+    f.destroy(&r).await;
+}

@@ -1,0 +1,106 @@
+//! Limits: memory, processes, disk, and flat server memory with a slow reader.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Fixture, request, run};
+use runner_core::{ExecutionEvent, ExecutorApi};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_bomb_is_killed_and_the_runner_survives() {
+    let f = Fixture::new().await;
+    let r = f.runner_with(common::spec(64)).await;
+    let o = run(
+        &f.executor,
+        &r,
+        "</dev/zero head -c 100M | tail > /dev/null",
+    )
+    .await;
+    assert_eq!(o.out(), "");
+    assert!(o.err().contains("Killed"), "stderr: {:?}", o.err());
+    assert_eq!(o.code(), Some(137));
+    assert_eq!(run(&f.executor, &r, "echo alive").await.out(), "alive\r\n");
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_bomb_is_contained_and_a_neighbour_keeps_working() {
+    let f = Fixture::new().await;
+    let bomb = f.runner().await;
+    let neighbour = f.runner().await;
+    let cancel = CancellationToken::new();
+    let handle = f
+        .executor
+        .execute(&bomb, &request("b(){ b|b& }; b"), cancel.clone())
+        .await
+        .expect("execute");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let o = run(&f.executor, &neighbour, "echo fine").await;
+    assert_eq!(o.out(), "fine\r\n");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    cancel.cancel();
+    drop(handle);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        run(&f.executor, &bomb, "echo recovered").await.out(),
+        "recovered\r\n"
+    );
+    f.destroy(&bomb).await;
+    f.destroy(&neighbour).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_file_hits_the_runner_disk_limit() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let o = run(&f.executor, &r, "cat /dev/zero > /workspace/big").await;
+    assert_ne!(o.code(), Some(0));
+    assert!(o.err().contains("No space left on device"), "{:?}", o.err());
+    let o = run(&f.executor, &r, "rm /workspace/big && echo freed").await;
+    assert_eq!(o.out(), "freed\r\n");
+    f.destroy(&r).await;
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn yes_with_a_slow_reader_keeps_server_memory_flat() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let cancel = CancellationToken::new();
+    let handle = f
+        .executor
+        .execute(&r, &request("yes"), cancel.clone())
+        .await
+        .expect("execute");
+    let mut events = handle.events;
+    // Let the buffers fill, then measure while reading slowly.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kb();
+    let mut received = 0usize;
+    for _ in 0..100 {
+        match events.recv().await {
+            Some(ExecutionEvent::Stdout(b)) => received += b.len(),
+            other => panic!("unexpected {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = rss_kb();
+    assert!(received > 0);
+    assert!(
+        after < before + 16 * 1024,
+        "server memory grew from {before} kB to {after} kB"
+    );
+    cancel.cancel();
+    f.destroy(&r).await;
+}
