@@ -334,6 +334,14 @@ impl LocalExecutor {
         }
     }
 
+    /// The runner's network namespace (`/proc/<init pid>/ns/net`), owned by the host's root, for
+    /// the networking layer to connect; `None` for an unknown runner.
+    pub fn network_namespace(&self, id: &RunnerId) -> Option<PathBuf> {
+        let runner = lock(&self.inner.runners).get(id).cloned()?;
+        is_alive(&runner.handle)
+            .then(|| PathBuf::from(format!("/proc/{}/ns/net", runner.handle.pid)))
+    }
+
     fn runner(&self, id: &RunnerId) -> Result<Arc<Runner>, BackendError> {
         lock(&self.inner.runners)
             .get(id)

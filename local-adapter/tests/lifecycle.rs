@@ -62,6 +62,93 @@ fn processes_of(exe_marker: &str) -> usize {
         .count()
 }
 
+const SERVER_MODE: &str = "LOCAL_ADAPTER_TEST_SERVER";
+
+/// In a child started by `kill_9_of_the_server_leaves_runners_to_the_next_start`: acts as a server
+/// that creates a used runner, reports it, and waits to be killed.
+#[ctor::ctor]
+fn child_server() {
+    let Some(dir) = std::env::var_os(SERVER_MODE) else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Runtime::new() else {
+        std::process::exit(3);
+    };
+    rt.block_on(async move {
+        let executor = local_adapter::LocalExecutor::start(config(Path::new(&dir)))
+            .await
+            .expect("start");
+        let env = spec(64);
+        executor.register_environment(&env).await.expect("register");
+        let used = executor.create_runner(&env).await.expect("create").id;
+        let idle = executor.create_runner(&env).await.expect("create").id;
+        let state = RunnerState::Used(UsedState {
+            inactivity_timeout: Duration::from_secs(60),
+            deadline: Some(std::time::SystemTime::now() + Duration::from_secs(600)),
+        });
+        executor.mark_runner(&used, &state).await.expect("mark");
+        let o = run(&executor, &used, "echo kept > file.txt; sleep 1000 &").await;
+        assert_eq!(o.code(), Some(0));
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "runners {used} {idle}");
+        let _ = out.flush();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    });
+    std::process::exit(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_server_leaves_runners_to_the_next_start() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(SERVER_MODE, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut ids = line
+        .split_whitespace()
+        .skip(1)
+        .map(runner_core::RunnerId::from);
+    let (used, idle) = (ids.next().expect("used id"), ids.next().expect("idle id"));
+
+    let b = local_adapter::LocalExecutor::start(config(dir.path()))
+        .await
+        .unwrap();
+    let records = b.load_runners(spec(64).id).await.unwrap();
+    let state =
+        |id: &runner_core::RunnerId| records.iter().find(|r| &r.info.id == id).map(|r| r.state);
+    assert!(
+        matches!(state(&used), Some(RecordedState::Used(_))),
+        "{records:?}"
+    );
+    assert_eq!(state(&idle), Some(RecordedState::Uncertain));
+    let mut req = runner_core::ExecutionRequest::new(
+        "cat file.txt; for c in /proc/[0-9]*/comm; do cat $c; done | grep -c '^sleep$'",
+    );
+    req.privileged_execution = true;
+    let o = common::run_with(&b, &used, req, None).await;
+    assert_eq!(o.out(), "kept\r\n1\r\n", "{}", o.err());
+    for r in [&used, &idle] {
+        b.destroy_runner(r, &DestroyReason::ApiRequest)
+            .await
+            .unwrap();
+    }
+    b.shutdown().await;
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -76,13 +163,16 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
     for _ in 0..cycles / 4 {
         let created =
             futures::future::join_all((0..4).map(|_| f.executor.create_runner(&env))).await;
-        for info in created {
-            let info = info.expect("create");
+        // Destroy every runner that was created before judging the batch.
+        for info in created.iter().flatten() {
             ids.push(info.id.to_string());
             f.executor
                 .destroy_runner(&info.id, &DestroyReason::ApiRequest)
                 .await
                 .expect("destroy");
+        }
+        for info in created {
+            info.expect("create");
         }
     }
     assert_eq!(ids.len(), cycles);
@@ -293,4 +383,75 @@ async fn measure_runner_creation_and_execution_against_bare_fork_exec() {
     for id in &ids {
         f.destroy(id).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_cgroups_runners_still_work_and_cancel_kills_the_tree() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.cgroup = Some(local_adapter::CgroupChoice::None);
+    let ex = local_adapter::LocalExecutor::start(cfg).await.unwrap();
+    let r = ex.create_runner(&spec(64)).await.unwrap().id;
+    assert_eq!(run(&ex, &r, "echo hi").await.out(), "hi\r\n");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = ex
+        .execute(
+            &r,
+            &runner_core::ExecutionRequest::new("sleep 1000 & sleep 1001"),
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    drop(handle);
+    let mut left = String::new();
+    for _ in 0..50 {
+        left = run(
+            &ex,
+            &r,
+            "for c in /proc/[0-9]*/comm; do cat $c; done | grep -c '^sleep$'",
+        )
+        .await
+        .out();
+        if left == "0\r\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, "0\r\n");
+    ex.destroy_runner(&r, &DestroyReason::ApiRequest)
+        .await
+        .unwrap();
+    ex.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_data_directories_never_touch_each_others_runners() {
+    common::init_tracing();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = local_adapter::LocalExecutor::start(config(d1.path()))
+        .await
+        .unwrap();
+    let ra = a.create_runner(&spec(64)).await.unwrap().id;
+    let b = local_adapter::LocalExecutor::start(config(d2.path()))
+        .await
+        .unwrap();
+    let rb = b.create_runner(&spec(64)).await.unwrap().id;
+    // Restarting `b` (crash-style) cleans up only its own data directory.
+    drop(b);
+    let b = local_adapter::LocalExecutor::start(config(d2.path()))
+        .await
+        .unwrap();
+    assert_eq!(run(&a, &ra, "echo a").await.out(), "a\r\n");
+    assert_eq!(run(&b, &rb, "echo b").await.out(), "b\r\n");
+    a.destroy_runner(&ra, &DestroyReason::ApiRequest)
+        .await
+        .unwrap();
+    b.destroy_runner(&rb, &DestroyReason::ApiRequest)
+        .await
+        .unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -351,7 +351,7 @@ impl Init<'_> {
                 ExecKill::ProcessGroup => {}
             }
         }
-        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        kill_session(pid);
     }
 
     fn reap(&mut self) {
@@ -389,6 +389,29 @@ impl Init<'_> {
             nix::unistd::unlinkat(dir, name.as_str(), nix::unistd::UnlinkatFlags::RemoveDir)
                 .is_err()
         });
+    }
+}
+
+/// Kills every process of the session `sid` (the execution's leader started it): the fallback
+/// without cgroups, and a second sweep with them. Processes that called `setsid` themselves
+/// escape it; only a cgroup catches those.
+fn kill_session(sid: i32) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let stat = setup::read_small(&e.path().join("stat"));
+        // Fields after the command: state, ppid, pgrp, session.
+        let session = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+            .and_then(|s| s.parse::<i32>().ok());
+        if session == Some(sid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
 
