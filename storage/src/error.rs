@@ -72,6 +72,14 @@ pub enum StoreError {
         /// What serde_json reported.
         source: serde_json::Error,
     },
+    /// A record's header does not fit the record layout's 4 GiB length field.
+    #[error("the record of {what} is too large to store ({len} bytes of header)")]
+    RecordTooLarge {
+        /// Which record.
+        what: String,
+        /// The header's length in bytes.
+        len: usize,
+    },
     /// A transaction could not be started.
     #[error("could not start a store transaction: {0}")]
     Transaction(#[from] redb::TransactionError),

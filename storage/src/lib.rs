@@ -32,17 +32,19 @@
 //! Measured by `cargo bench -p storage` (`benches/commit_cost.rs`), on a file on the same
 //! filesystem as the work tree, one writer:
 //!
-//! | write | median | p99 |
-//! |---|---|---|
-//! | [`StateStore::set_runner_state`] to `Used` (durable) | 0.3–0.75 ms | 0.85–8.4 ms |
-//! | [`StateStore::put_runner`] (durable insert) | 0.33–0.57 ms | 6.5–9.2 ms |
-//! | [`StateStore::refresh_deadline`] (eventual) | 11 µs | 26–34 µs |
-//! | [`StateStore::flush`] with nothing pending | 0.13–0.17 ms | 0.18–0.28 ms |
+//! | write | median, load ≈ 4 | p99, load ≈ 4 | median, load ≈ 9 | p99, load ≈ 9 |
+//! |---|---|---|---|---|
+//! | [`StateStore::set_runner_state`] to `Used` (durable) | 0.3–0.75 ms | 0.85–8.4 ms | 2.8–8.0 ms | 14–17 ms |
+//! | [`StateStore::put_runner`] (durable insert) | 0.33–0.57 ms | 6.5–9.2 ms | 4.9–6.4 ms | 19–22 ms |
+//! | [`StateStore::refresh_deadline`] (eventual) | 11 µs | 26–34 µs | 19–20 µs | 55–95 µs |
+//! | [`StateStore::flush`] with nothing pending | 0.13–0.17 ms | 0.18–0.28 ms | 3.4–4.0 ms | 9–17 ms |
 //!
-//! (Three runs of 500 samples on a virtio disk, 2 cores shared with three parallel builds; the
-//! p99 of durable writes is fsync queueing behind the other builds' I/O.) An eventual refresh is
-//! 30–70 times cheaper than a durable write at the median, which is why the per-operation
-//! deadline refresh is the one eventual write: a claim pays one fsync, an operation none.
+//! (Runs of 500 samples on a virtio disk, 2 cores shared with parallel builds of other crates;
+//! "load" is the load average during the run. Durable latency is fsync latency, so it tracks
+//! the other builds' I/O; the eventual refresh stays in the tens of microseconds.) An eventual
+//! refresh is 30–400 times cheaper than a durable write at the median, which is why the
+//! per-operation deadline refresh is the one eventual write: a claim pays one fsync, an
+//! operation on a claimed runner none.
 //!
 //! # Shutdown
 //! [`StateStore::open`] durably writes an "open" marker that [`StateStore::close`] removes;

@@ -63,9 +63,9 @@ pub(crate) fn encode_runner(runner: &StoredRunner) -> Result<Vec<u8>, StoreError
         what: format!("runner {}", runner.id),
         source,
     })?;
-    let len = u32::try_from(json.len()).map_err(|_| StoreError::CorruptRecord {
+    let len = u32::try_from(json.len()).map_err(|_| StoreError::RecordTooLarge {
         what: format!("runner {}", runner.id),
-        reason: "its header is longer than 4 GiB".into(),
+        len: json.len(),
     })?;
     let mut out = Vec::with_capacity(RUNNER_PREFIX_LEN + json.len() + runner.backend_data.len());
     out.push(RUNNER_FORMAT);

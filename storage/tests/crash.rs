@@ -132,6 +132,15 @@ fn assert_acknowledged_writes_are_stored(path: &Path, acked: &[String]) {
                     "round {round}: {state:?}"
                 );
             }
+            (Some("flushed"), Some(round)) => {
+                let round: u64 = round.parse().unwrap();
+                let found = &runners[&RunnerId::new(runner_id(round))];
+                assert_eq!(
+                    found.state,
+                    used(30, Some(deadline_ms(round, 3))),
+                    "flush made the eventual refreshes of round {round} durable"
+                );
+            }
             _ => panic!("unexpected acknowledgement {ack:?}"),
         }
     }
@@ -146,7 +155,8 @@ fn deadline_ms(round: u64, refresh: u64) -> u64 {
 }
 
 /// The child: durable writes, each acknowledged on stdout once the call returned, mixed with
-/// unacknowledged eventual refreshes, until the parent kills it.
+/// eventual refreshes that are acknowledged only once a `flush` made them durable, until the
+/// parent kills it.
 fn write_until_killed(path: PathBuf) {
     let store = StateStore::open(&path).unwrap();
     let mut out = std::io::stdout().lock();
@@ -173,6 +183,10 @@ fn write_until_killed(path: PathBuf) {
             store
                 .refresh_deadline(&id, at_ms(deadline_ms(round, refresh)))
                 .unwrap();
+        }
+        if round.is_multiple_of(5) {
+            store.flush().unwrap();
+            ack(format!("flushed {round}"));
         }
     }
 }

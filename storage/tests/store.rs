@@ -286,3 +286,20 @@ fn a_file_that_is_not_a_store_is_refused() {
     let err = StateStore::open(&path).unwrap_err();
     assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
 }
+
+#[test]
+fn dropping_the_last_handle_keeps_eventual_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let r = runner("1-a", 1, used(60, Some(1_000)));
+    store.put_runner(&r).unwrap();
+    store.refresh_deadline(&r.id, at_ms(9_000)).unwrap();
+    drop(store);
+
+    let store = open(&dir);
+    assert!(!store.previous_shutdown_was_clean());
+    assert_eq!(
+        store.runner(&r.id).unwrap().unwrap().state,
+        used(60, Some(9_000))
+    );
+}
