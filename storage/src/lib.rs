@@ -11,8 +11,8 @@
 //!   checksummed commit slots: a `kill -9` or power loss mid-commit leaves the previous commit
 //!   intact, and the next open repairs to it (tested with a real SIGKILL in `tests/crash.rs`).
 //! - Durability is chosen per transaction (`Durability::Immediate` or `None`), which is exactly
-//!   the split this store needs between a claim's used-mark and a deadline refresh; SQLite only
-//!   has a per-connection `synchronous` pragma.
+//!   the split this store needs between a claim's used-mark and a deadline refresh; SQLite's
+//!   equivalent is the connection-wide `synchronous` pragma, switched around each statement.
 //! - A typed key-value API is all the store needs: no SQL, no schema migrations beyond a
 //!   version number.
 //!
