@@ -61,7 +61,6 @@ async fn runner_with_access_reaches_outside_and_bridge_but_not_host_blocked_or_o
     let blocked_service = outside.ns.serve(addr(outside.link_local, 0));
     let offered_service = serve_in(None, addr(gateway, offered));
     let other_gateway_service = serve_in(None, addr(gateway, 0));
-    let host_loopback_service = serve_in(None, addr(Ipv4Addr::LOCALHOST, 0));
     let host_other_address_service = serve_in(None, addr(outside.host_address, 0));
     let other_runner_service = r2.serve(addr(a2, 0));
 
@@ -86,15 +85,6 @@ async fn runner_with_access_reaches_outside_and_bridge_but_not_host_blocked_or_o
         "host's other address"
     );
     assert!(!r1.can_connect(other_runner_service), "another runner");
-    let loopback_port = host_loopback_service.port();
-    assert!(
-        !r1.can_connect(addr(gateway, loopback_port)),
-        "host loopback service"
-    );
-    assert!(
-        !r1.can_connect(host_loopback_service),
-        "own loopback, not the host's"
-    );
 
     network.teardown().await;
     assert!(links_with_prefix(&format!("pv{tag}-")).is_empty());
@@ -403,6 +393,93 @@ async fn a_subnet_already_in_use_is_refused() {
     assert!(
         matches!(clash, Err(NetworkError::SubnetInUse { .. })),
         "{clash:?}"
+    );
+    network.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_cannot_reach_host_loopback_even_where_the_host_routes_localnet() {
+    common::init_tracing();
+    let (tag, octet) = unique();
+    let _guard = InstanceGuard(tag.clone());
+    let gateway = format!("10.213.{octet}.1");
+    let network = HostNetwork::start(config(octet, vec![]), &tag, &[])
+        .await
+        .expect("start");
+    let r = TestNs::new(format!("{tag}-lo"));
+    network
+        .attach(&runner("lo"), &r.path(), true, &[], None)
+        .await
+        .expect("attach");
+    // Root in the runner sends 127.77.0.1 via the gateway; the host accepts loopback
+    // destinations from the bridge (as with kube-proxy's `route_localnet=1`). Without the
+    // filter, this reaches a host service bound to 127.77.0.1 (checked by hand).
+    let ns = r.name.as_str();
+    common::sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet",
+        ],
+    );
+    common::sh(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "route",
+            "del",
+            "local",
+            "127.0.0.0/8",
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ],
+    );
+    common::quiet(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "local",
+            "127.0.0.1",
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ],
+    );
+    common::sh(
+        "ip",
+        &[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "127.77.0.1/32",
+            "via",
+            &gateway,
+            "dev",
+            "eth0",
+        ],
+    );
+    std::fs::write(
+        format!("/proc/sys/net/ipv4/conf/pb-{tag}/route_localnet"),
+        "1",
+    )
+    .expect("route_localnet on the bridge");
+    let host_loopback_service = serve_in(None, addr(Ipv4Addr::new(127, 77, 0, 1), 0));
+    assert!(fetch_hello(&host_loopback_service.to_string()).is_some());
+    assert!(
+        !r.can_connect(host_loopback_service),
+        "host loopback service"
     );
     network.teardown().await;
 }
