@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use local_adapter::{LocalConfig, LocalExecutor};
 use poseidon_server::config::Config;
 use poseidon_server::serve::{self, TlsFiles};
 use poseidon_server::{AppState, app, telemetry};
@@ -23,6 +24,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // A runner's init is this binary re-executed: it must branch off before anything else.
+    local_adapter::sandbox_main_if_requested();
     let args = Args::parse();
     let config = match Config::load(&args.config, std::env::vars()) {
         Ok(config) => config,
@@ -50,14 +53,28 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    let mut local = None;
     let backend: Arc<dyn ExecutorApi> = match config.server.backend.as_str() {
         "fake" => {
             tracing::warn!("using the in-memory fake backend: executions run nothing real");
             Arc::new(runner_core::fake::FakeExecutor::new())
         }
-        _ => anyhow::bail!(
-            "the local backend is not available in this build yet; set server.backend: fake (POSEIDON_SERVER_BACKEND=fake) for an in-memory backend"
-        ),
+        _ => {
+            let executor = LocalExecutor::start(LocalConfig {
+                data_dir: config.local.datadir.clone(),
+                images: config.local.images.clone(),
+                ..LocalConfig::default()
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "starting the local backend in {}",
+                    config.local.datadir.display()
+                )
+            })?;
+            local = Some(executor.clone());
+            Arc::new(executor)
+        }
     };
     let manager = RunnerManager::new(backend, config.manager_config());
     let report = manager
@@ -108,6 +125,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     manager.shutdown().await;
+    if let Some(local) = local {
+        local.shutdown().await;
+    }
     tracing::info!("stopped; runners stay for the next start");
     Ok(())
 }
