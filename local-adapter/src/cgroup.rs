@@ -288,7 +288,11 @@ impl CgroupDriver for V1Driver {
             for pid in pids_in(&freezer) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
-            Self::freeze(&freezer, "THAWED");
+            // An execution cgroup its init froze (to kill it) stays frozen on its own when the
+            // init dies first; frozen tasks cannot die, so thaw the whole tree.
+            for dir in tree_deepest_first(&freezer) {
+                Self::freeze(&dir, "THAWED");
+            }
         }
         for c in V1_CONTROLLERS {
             remove_tree(&self.dir(c, runner), Duration::from_secs(5))?;

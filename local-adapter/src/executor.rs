@@ -272,6 +272,18 @@ impl LocalExecutor {
             std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .map_err(dir_err(d))?;
         }
+        // The store's lock makes this process the only user of the data directory from here on.
+        let store = StateStore::open(&data.join("state.redb"))
+            .map_err(|e| LocalError::Store(e.to_string()))?;
+        // Half-built copies of a crashed start.
+        if let Ok(rd) = std::fs::read_dir(&data) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("etc-") && name.contains(".tmp") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         rootfs::build_etc(Path::new("/etc"), &paths.etc, uid_base).map_err(dir_err(&paths.etc))?;
         let driver: Box<dyn CgroupDriver> = match &config.cgroup {
             None => cgroup::detect(Path::new("/sys/fs/cgroup"), &instance),
@@ -279,8 +291,6 @@ impl LocalExecutor {
             Some(CgroupChoice::V2(base)) => Box::new(V2Driver::new(base.join(&instance))),
             Some(CgroupChoice::None) => Box::new(NoCgroups),
         };
-        let store = StateStore::open(&data.join("state.redb"))
-            .map_err(|e| LocalError::Store(e.to_string()))?;
         let clean_start = store.previous_shutdown_was_clean();
         if driver.name() == "none" {
             warn!(
@@ -539,9 +549,8 @@ fn kill_init(handle: &Handle) {
 }
 
 async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
-    let exe =
-        std::fs::read_link("/proc/self/exe").map_err(|e| LocalError::io("/proc/self/exe", e))?;
-    let mut child = tokio::process::Command::new(exe)
+    // The magic link works even when the binary was replaced on disk since it started.
+    let mut child = tokio::process::Command::new("/proc/self/exe")
         .env_clear()
         .env(MARKER, "1")
         .stdin(std::process::Stdio::piped())

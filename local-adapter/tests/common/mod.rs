@@ -68,11 +68,16 @@ pub fn config(dir: &std::path::Path) -> LocalConfig {
 
 impl Fixture {
     pub async fn new() -> Self {
+        Self::with(|_| ()).await
+    }
+
+    /// An executor whose configuration `adjust` changes first.
+    pub async fn with(adjust: impl FnOnce(&mut LocalConfig)) -> Self {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
-        let executor = LocalExecutor::start(config(dir.path()))
-            .await
-            .expect("start");
+        let mut cfg = config(dir.path());
+        adjust(&mut cfg);
+        let executor = LocalExecutor::start(cfg).await.expect("start");
         Self {
             executor,
             dir,
