@@ -1,14 +1,77 @@
 //! `scale`: runner-core's memory per idle runner and the cost of a claim with 100 vs 100 000
-//! idle runners, on the in-memory fake backend (no server, no sandbox).
+//! idle runners, over a backend that keeps nothing (no server, no sandbox).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use runner_core::fake::FakeExecutor;
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use runner_core::{
-    EnvironmentId, EnvironmentSpec, ExecutorApi, Manager, ManagerConfig, RunnerManager, SpecBounds,
+    BackendError, BackendEvent, DestroyReason, EnvironmentId, EnvironmentSpec, ExecutionHandle,
+    ExecutionRequest, ExecutorApi, FileContent, FileError, FileHeader, FileUpdate,
+    ListFilesRequest, Manager, ManagerConfig, RunnerId, RunnerInfo, RunnerManager, RunnerRecord,
+    RunnerState, SpecBounds,
 };
+use tokio_util::sync::CancellationToken;
+
+/// A backend that keeps nothing per runner, so every byte measured belongs to runner-core.
+#[derive(Debug)]
+struct NullBackend;
+
+#[async_trait]
+impl ExecutorApi for NullBackend {
+    async fn register_environment(&self, _: &EnvironmentSpec) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn delete_environment(&self, _: EnvironmentId) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn load_environments(&self) -> Result<Vec<EnvironmentSpec>, BackendError> {
+        Ok(vec![])
+    }
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError> {
+        Ok(RunnerInfo {
+            id: RunnerId::generate(spec.id),
+            environment: spec.id,
+            mapped_ports: vec![],
+        })
+    }
+    async fn destroy_runner(&self, _: &RunnerId, _: &DestroyReason) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn mark_runner(&self, _: &RunnerId, _: &RunnerState) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn load_runners(&self, _: EnvironmentId) -> Result<Vec<RunnerRecord>, BackendError> {
+        Ok(vec![])
+    }
+    async fn execute(
+        &self,
+        runner: &RunnerId,
+        _: &ExecutionRequest,
+        _: CancellationToken,
+    ) -> Result<ExecutionHandle, BackendError> {
+        Err(BackendError::RunnerNotFound(runner.clone()))
+    }
+    async fn update_files(&self, _: &RunnerId, _: &FileUpdate) -> Result<(), FileError> {
+        Ok(())
+    }
+    async fn list_files(
+        &self,
+        _: &RunnerId,
+        _: &ListFilesRequest,
+    ) -> Result<Vec<FileHeader>, FileError> {
+        Ok(vec![])
+    }
+    async fn read_file(&self, _: &RunnerId, _: &str, _: bool) -> Result<FileContent, FileError> {
+        Err(FileError::NotFound)
+    }
+    fn events(&self) -> BoxStream<'static, BackendEvent> {
+        futures::stream::pending().boxed()
+    }
+}
 
 use crate::alloc::live_bytes;
 use crate::scenarios::Effort;
@@ -33,16 +96,7 @@ struct Measured {
 
 async fn at_size(n: u32, rounds: usize) -> anyhow::Result<Measured> {
     const CLAIMS_PER_ROUND: usize = 50;
-    // What the fake backend itself keeps per runner, to subtract it.
-    let fake_cost = {
-        let probe = FakeExecutor::new();
-        let before = live_bytes();
-        for _ in 0..1_000 {
-            probe.create_runner(&spec(n)?).await?;
-        }
-        (live_bytes().saturating_sub(before)) as f64 / 1_000.0
-    };
-    let fake = FakeExecutor::new();
+    let backend = NullBackend;
     let config = ManagerConfig {
         bounds: SpecBounds {
             max_pool_size: 200_000,
@@ -52,7 +106,7 @@ async fn at_size(n: u32, rounds: usize) -> anyhow::Result<Measured> {
         refill_concurrency: 64,
         ..ManagerConfig::default()
     };
-    let manager = RunnerManager::new(Arc::new(fake.clone()), config);
+    let manager = RunnerManager::new(Arc::new(backend), config);
     manager.recover().await?;
     let id = EnvironmentId::new(1).context("id")?;
     let before = live_bytes();
@@ -61,7 +115,7 @@ async fn at_size(n: u32, rounds: usize) -> anyhow::Result<Measured> {
     while idle(&manager) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let bytes_per_idle = (live_bytes().saturating_sub(before)) as f64 / f64::from(n) - fake_cost;
+    let bytes_per_idle = (live_bytes().saturating_sub(before)) as f64 / f64::from(n);
     let mut claims = Samples::default();
     for _ in 0..rounds {
         let mut held = Vec::with_capacity(CLAIMS_PER_ROUND);
@@ -87,12 +141,12 @@ async fn at_size(n: u32, rounds: usize) -> anyhow::Result<Measured> {
 
 /// Runs the scenario on a runtime of its own.
 pub fn scale(effort: Effort) -> anyhow::Result<Report> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: nothing (refills, timers) runs between the claims being timed.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let rounds = if effort.quick { 4 } else { 20 };
+        let rounds = if effort.quick { 10 } else { 40 };
         let large_n = if effort.quick { 20_000 } else { 100_000 };
         // Interleave: small, large, small, large — each measured twice, samples pooled.
         let mut small = Samples::default();
