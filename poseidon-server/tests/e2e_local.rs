@@ -1,0 +1,664 @@
+//! End to end: the `poseidon-server` binary with the real local backend (sandboxes on this
+//! machine; needs root), one test per applicable row of Poseidon's e2e table
+//! (poseidon-behaviour.md §7.2), over HTTP and WebSocket.
+//!
+//! Every test starts its own server on a fresh data directory and an ephemeral port, and removes
+//! its environments before stopping it (runners deliberately survive a server stop).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::process::{ServerProcess, spawn};
+use common::{TOKEN, Transcript, connect, read_all};
+use serde_json::{Value, json};
+
+/// Environments a test may create; all are deleted when the test ends.
+const ENVIRONMENTS: [u64; 2] = [0, 42];
+
+struct E2e {
+    server: ServerProcess,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl E2e {
+    /// A server with environment 0 (pool `pool`, 100 MB, no network) ready.
+    async fn start(pool: u32) -> Self {
+        let server = spawn(&[
+            ("POSEIDON_SERVER_TOKEN", TOKEN),
+            ("POSEIDON_E2E_HOST_SECRET", "must-not-leak"),
+        ]);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("Poseidon-Token", TOKEN.parse().expect("header"));
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client");
+        let e2e = Self {
+            base: format!("http://{}/api/v1", server.addr),
+            server,
+            client,
+        };
+        if pool > 0 {
+            let r = e2e.put_environment(0, pool, 100).await;
+            assert_eq!(r, 201);
+            e2e.wait_idle(0, pool).await;
+        }
+        e2e
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn put_environment(&self, id: u64, pool: u32, memory: u32) -> u16 {
+        self.client
+            .put(self.url(&format!("/execution-environments/{id}")))
+            .json(
+                &json!({"id": id, "image": "host", "prewarmingPoolSize": pool, "cpuLimit": 20,
+                "memoryLimit": memory, "networkAccess": false, "exposedPorts": []}),
+            )
+            .send()
+            .await
+            .expect("put")
+            .status()
+            .as_u16()
+    }
+
+    async fn wait_idle(&self, id: u64, idle: u32) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let stats: Value = self
+                .client
+                .get(self.url("/statistics/execution-environments"))
+                .send()
+                .await
+                .expect("stats")
+                .json()
+                .await
+                .expect("json");
+            if stats[id.to_string()]["idleRunners"].as_u64() >= Some(u64::from(idle)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("environment {id} never had {idle} idle runners");
+    }
+
+    async fn claim(&self, timeout: u64) -> String {
+        let r = self
+            .client
+            .post(self.url("/runners"))
+            .json(&json!({"executionEnvironmentId": 0, "inactivityTimeout": timeout}))
+            .send()
+            .await
+            .expect("claim");
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.expect("json");
+        body["runnerId"].as_str().expect("runnerId").to_string()
+    }
+
+    async fn copy(&self, runner: &str, body: Value) -> reqwest::Response {
+        self.client
+            .patch(self.url(&format!("/runners/{runner}/files")))
+            .json(&body)
+            .send()
+            .await
+            .expect("patch")
+    }
+
+    async fn websocket_url(&self, runner: &str, body: Value) -> String {
+        let r = self
+            .client
+            .post(self.url(&format!("/runners/{runner}/execute")))
+            .json(&body)
+            .send()
+            .await
+            .expect("execute");
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.expect("json");
+        body["websocketUrl"].as_str().expect("url").to_string()
+    }
+
+    async fn run(&self, runner: &str, body: Value) -> Transcript {
+        let url = self.websocket_url(runner, body).await;
+        let mut ws = connect(&url, Some(TOKEN)).await.expect("connect");
+        read_all(&mut ws, Duration::from_secs(60)).await
+    }
+
+    async fn sh(&self, runner: &str, command: &str) -> Transcript {
+        self.run(runner, json!({"command": command})).await
+    }
+}
+
+/// Deletes the test's environments (destroying their runners) over a plain socket, then stops the
+/// server: also on a failed test.
+impl Drop for E2e {
+    fn drop(&mut self) {
+        for id in ENVIRONMENTS {
+            if let Ok(mut stream) = std::net::TcpStream::connect(&self.server.addr) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let request = format!(
+                    "DELETE /api/v1/execution-environments/{id} HTTP/1.1\r\nHost: {}\r\nPoseidon-Token: {TOKEN}\r\nConnection: close\r\n\r\n",
+                    self.server.addr
+                );
+                if stream.write_all(request.as_bytes()).is_ok() {
+                    let mut answer = Vec::new();
+                    let _ = stream.read_to_end(&mut answer);
+                }
+            }
+        }
+        self.server.signal("TERM");
+        let _ = self.server.wait_exit(Duration::from_secs(30));
+    }
+}
+
+#[tokio::test]
+async fn health_route_is_204() {
+    let e = E2e::start(0).await;
+    let r = reqwest::get(e.url("/health")).await.expect("health");
+    assert_eq!(r.status(), 204);
+}
+
+#[tokio::test]
+async fn create_update_and_delete_an_environment() {
+    let e = E2e::start(0).await;
+    let r = e
+        .client
+        .put(e.url("/execution-environments/42"))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 400, "empty body");
+    let r = e
+        .client
+        .put(e.url("/execution-environments/42"))
+        .json(
+            &json!({"image": "host", "prewarmingPoolSize": 1, "cpuLimit": 20, "memoryLimit": 100,
+            "networkAccess": false, "exposedPorts": []}),
+        )
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["content-length"], "0");
+    assert_eq!(e.put_environment(42, 1, 200).await, 204);
+    let env: Value = e
+        .client
+        .get(e.url("/execution-environments/42"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    for key in [
+        "id",
+        "prewarmingPoolSize",
+        "cpuLimit",
+        "memoryLimit",
+        "image",
+        "networkAccess",
+        "exposedPorts",
+    ] {
+        assert!(env.get(key).is_some(), "{key} missing in {env}");
+    }
+    assert_eq!(env["memoryLimit"], 200);
+    let list: Value = e
+        .client
+        .get(e.url("/execution-environments"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list["executionEnvironments"][0]["id"], 42);
+    let r = e
+        .client
+        .delete(e.url("/execution-environments/42"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    let r = e
+        .client
+        .get(e.url("/execution-environments/42"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn provide_runner_answers_200_400_and_404() {
+    let e = E2e::start(1).await;
+    assert!(!e.claim(60).await.is_empty());
+    let r = e
+        .client
+        .post(e.url("/runners"))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(r.status(), 400);
+    let r = e
+        .client
+        .post(e.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 9999}))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn deleting_a_runner_twice_answers_410() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let url = e.url(&format!("/runners/{runner}"));
+    assert_eq!(
+        e.client.delete(&url).send().await.expect("delete").status(),
+        204
+    );
+    assert_eq!(
+        e.client.delete(&url).send().await.expect("delete").status(),
+        410
+    );
+    let r = e
+        .client
+        .delete(e.url("/runners/0-unknown"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 410);
+}
+
+#[tokio::test]
+async fn listing_the_file_system() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let files = e.url(&format!("/runners/{runner}/files"));
+    let listing: Value = e
+        .client
+        .get(&files)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listing, json!({"files": []}));
+    assert_eq!(
+        e.copy(
+            &runner,
+            json!({"copy": [{"path": "test.txt", "content": ""}]})
+        )
+        .await
+        .status(),
+        204
+    );
+    let listing: Value = e
+        .client
+        .get(&files)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let entries = listing["files"].as_array().expect("files");
+    assert_eq!(entries.len(), 1, "{listing}");
+    assert_eq!(entries[0]["name"], "./test.txt");
+    assert_eq!(entries[0]["entryType"], "-");
+    assert_eq!(entries[0]["owner"], "root");
+    assert_eq!(entries[0]["group"], "root");
+    assert_eq!(entries[0]["permissions"], "rwxr--r--");
+    let listing: Value = e
+        .client
+        .get(format!("{files}?path=/proc/self/cwd&recursive=false"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let link = &listing["files"][0];
+    assert_eq!(link["entryType"], "l", "{listing}");
+    assert_eq!(link["linkTarget"], "/workspace", "{listing}");
+}
+
+#[tokio::test]
+async fn copying_files_relative_absolute_and_deleting() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let r = e
+        .copy(
+            &runner,
+            json!({"copy": [
+            {"path": "test.txt", "content": "VGVzdEZpbGVDb250ZW50"},
+            {"path": "relative/file/path.txt", "content": "cmVsYXRpdmU="},
+            {"path": "/tmp/absolute/file/path.txt", "content": "YWJzb2x1dGU="}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        e.sh(&runner, "cat test.txt").await.stdout(),
+        "TestFileContent"
+    );
+    assert_eq!(
+        e.sh(&runner, "cat relative/file/path.txt").await.stdout(),
+        "relative"
+    );
+    assert_eq!(
+        e.sh(&runner, "cat /tmp/absolute/file/path.txt")
+            .await
+            .stdout(),
+        "absolute"
+    );
+    assert_eq!(
+        e.copy(&runner, json!({"delete": ["test.txt"]}))
+            .await
+            .status(),
+        204
+    );
+    let t = e.sh(&runner, "cat test.txt").await;
+    assert!(t.stderr().contains("No such file or directory"), "{t:?}");
+    let r = e
+        .copy(
+            &runner,
+            json!({"delete": ["test.txt"], "copy": [{"path": "test.txt", "content": "YWdhaW4="}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(e.sh(&runner, "cat test.txt").await.stdout(), "again");
+    let r = e
+        .client
+        .patch(e.url(&format!("/runners/{runner}/files")))
+        .header("content-type", "text/html")
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        e.copy("0-unknown", json!({"delete": []})).await.status(),
+        410
+    );
+}
+
+#[tokio::test]
+async fn copying_a_forbidden_path_is_500_unknown_and_the_rest_is_written() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let r = e
+        .copy(
+            &runner,
+            json!({"copy": [
+            {"path": "/proc/1/environ", "content": "Zm9v"},
+            {"path": "test.txt", "content": "Zm9v"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["errorCode"], "UNKNOWN");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Cannot open: "),
+        "{body}"
+    );
+    assert_eq!(e.sh(&runner, "cat test.txt").await.stdout(), "foo");
+}
+
+#[tokio::test]
+async fn protected_folders_keep_their_content_from_the_user() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let r = e
+        .copy(
+            &runner,
+            json!({"copy": [
+            {"path": "protectedFolder/"},
+            {"path": "protectedFolder/test.txt", "content": "SGVsbG8="}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 204);
+    let t = e.sh(&runner, "touch protectedFolder/userfile").await;
+    assert_eq!(t.stdout() + &t.stderr(), "");
+    let t = e.sh(&runner, "rm -fr protectedFolder/").await;
+    assert!(t.stderr().contains("Operation not permitted"), "{t:?}");
+    let t = e.sh(&runner, "rm -f protectedFolder/test.txt").await;
+    assert!(t.stderr().contains("Operation not permitted"), "{t:?}");
+    let t = e.sh(&runner, "echo Hi >> protectedFolder/test.txt").await;
+    assert!(t.stderr().contains("Permission denied"), "{t:?}");
+    assert_eq!(
+        e.sh(&runner, "cat protectedFolder/test.txt").await.stdout(),
+        "Hello"
+    );
+}
+
+#[tokio::test]
+async fn downloading_file_content() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let raw = e.url(&format!("/runners/{runner}/files/raw"));
+    let r = e
+        .client
+        .get(format!("{raw}?path=test.txt"))
+        .send()
+        .await
+        .expect("raw");
+    assert_eq!(r.status(), 424);
+    assert_eq!(
+        e.copy(
+            &runner,
+            json!({"copy": [{"path": "test.txt", "content": "VGVzdEZpbGVDb250ZW50"}]})
+        )
+        .await
+        .status(),
+        204
+    );
+    let r = e
+        .client
+        .get(format!("{raw}?path=test.txt"))
+        .send()
+        .await
+        .expect("raw");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "15");
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "attachment; filename=\"test.txt\""
+    );
+    assert_eq!(r.bytes().await.expect("body").as_ref(), b"TestFileContent");
+    let r = e
+        .client
+        .get(format!("{raw}?path=/proc/1/environ"))
+        .send()
+        .await
+        .expect("raw");
+    assert_eq!(r.status(), 424);
+    assert!(
+        r.text()
+            .await
+            .expect("text")
+            .contains("file not found or insufficient permissions")
+    );
+}
+
+#[tokio::test]
+async fn inactivity_timeout_ends_sleep_infinity_with_timeout() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(2).await;
+    let started = Instant::now();
+    let t = e.sh(&runner, "sleep infinity").await;
+    assert_eq!(t.last(), json!({"type": "timeout"}));
+    assert_eq!(t.close_code, Some(1000));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let r = e
+        .client
+        .delete(e.url(&format!("/runners/{runner}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 410);
+}
+
+#[tokio::test]
+async fn executing_true_sends_start_exit_and_close() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let t = e.sh(&runner, "true").await;
+    assert_eq!(
+        t.messages,
+        vec![json!({"type": "start"}), json!({"type": "exit", "data": 0})]
+    );
+    assert_eq!(t.close_code, Some(1000));
+}
+
+#[tokio::test]
+async fn output_to_stdout_and_stderr_stays_apart() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let t = e.sh(&runner, "echo -n Hello World").await;
+    assert_eq!(t.stdout(), "Hello World");
+    assert_eq!(
+        t.control(),
+        vec![json!({"type": "start"}), json!({"type": "exit", "data": 0})]
+    );
+    let t = e.sh(&runner, "cat -invalid").await;
+    assert!(t.stderr().contains("cat: invalid option"), "{t:?}");
+    assert!(!t.stdout().contains("invalid option"), "{t:?}");
+    assert_eq!(t.last(), json!({"type": "exit", "data": 1}));
+    let t = e.sh(&runner, "exit 42").await;
+    assert_eq!(t.last(), json!({"type": "exit", "data": 42}));
+}
+
+#[tokio::test]
+async fn unprivileged_and_privileged_users() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let t = e.sh(&runner, "id --name --user").await;
+    assert!(!t.stdout().contains("root"), "{t:?}");
+    let t = e
+        .run(
+            &runner,
+            json!({"command": "id --name --user", "privilegedExecution": true}),
+        )
+        .await;
+    assert!(t.stdout().contains("root"), "{t:?}");
+}
+
+#[tokio::test]
+async fn stdin_is_echoed_by_the_terminal_and_read_by_head() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let url = e
+        .websocket_url(&runner, json!({"command": "head -n 1"}))
+        .await;
+    let mut ws = connect(&url, Some(TOKEN)).await.expect("connect");
+    common::send_text(&mut ws, "Hello World!\n").await;
+    let t = read_all(&mut ws, Duration::from_secs(30)).await;
+    let out = t.stdout();
+    assert_eq!(
+        out.matches("Hello World!").count(),
+        2,
+        "echo and output: {out:?}"
+    );
+    assert!(out.contains("Hello World!\r\n"), "{out:?}");
+    assert_eq!(t.last(), json!({"type": "exit", "data": 0}));
+}
+
+#[tokio::test]
+async fn make_runs_a_makefile() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let makefile = "run:\n\t@echo MeinText\n";
+    let content = base64_encode(makefile.as_bytes());
+    assert_eq!(
+        e.copy(
+            &runner,
+            json!({"copy": [{"path": "Makefile", "content": content}]})
+        )
+        .await
+        .status(),
+        204
+    );
+    let t = e.sh(&runner, "make run").await;
+    assert_eq!(
+        t.stdout().trim_end_matches(['\r', '\n']),
+        "MeinText",
+        "{t:?}"
+    );
+}
+
+#[tokio::test]
+async fn environment_variables_are_passed_exactly_and_nothing_from_the_host() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let t = e
+        .run(
+            &runner,
+            json!({"command": "env", "environment": {
+            "hello": "world", "SPACED": "a b  c", "QUOTED": "it's \"quoted\" $HOME"}}),
+        )
+        .await;
+    let out = t.stdout();
+    assert!(out.contains("hello=world"), "{out}");
+    assert!(out.contains("SPACED=a b  c"), "{out}");
+    assert!(out.contains("QUOTED=it's \"quoted\" $HOME"), "{out}");
+    assert!(out.contains("CODEOCEAN=true"), "{out}");
+    assert!(!out.contains("must-not-leak"), "{out}");
+    assert!(!out.contains("NOMAD_") && !out.contains("AWS"), "{out}");
+    assert!(!out.contains("POSEIDON_"), "{out}");
+}
+
+#[tokio::test]
+async fn time_limit_ends_the_execution_with_timeout() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let started = Instant::now();
+    let t = e
+        .run(&runner, json!({"command": "sleep 30", "timeLimit": 1}))
+        .await;
+    assert_eq!(t.last(), json!({"type": "timeout"}));
+    assert_eq!(t.close_code, Some(1000));
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn single_quotes_in_commands_work() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let t = e.sh(&runner, "echo 'single quoted' \"it's\"").await;
+    assert_eq!(t.stdout(), "single quoted it's\r\n");
+}
+
+#[tokio::test]
+async fn exceeding_the_memory_limit_kills_the_process_not_the_runner() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let t = e
+        .sh(&runner, "</dev/zero head -c 110MB | tail > /dev/null")
+        .await;
+    assert_eq!(t.stdout(), "");
+    assert!(t.stderr().contains("Killed"), "{t:?}");
+    assert!(matches!(t.last()["type"].as_str(), Some("exit")), "{t:?}");
+    assert_eq!(e.sh(&runner, "echo alive").await.stdout(), "alive\r\n");
+}
+
+#[tokio::test]
+async fn websocket_needs_the_token() {
+    let e = E2e::start(1).await;
+    let runner = e.claim(60).await;
+    let url = e.websocket_url(&runner, json!({"command": "true"})).await;
+    let err = connect(&url, None).await.expect_err("unauthenticated");
+    assert!(err.to_string().contains("401"), "{err}");
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
