@@ -49,6 +49,15 @@ impl E2e {
         e2e
     }
 
+    /// Stops the server with SIGTERM and starts it again on the same data directory.
+    fn restart(&mut self) {
+        self.server.signal("TERM");
+        assert_eq!(self.server.wait_exit(Duration::from_secs(30)), Some(0));
+        let dir = std::mem::replace(&mut self.server.dir, tempfile::tempdir().expect("dir"));
+        self.server = common::process::spawn_in(dir, &[("POSEIDON_SERVER_TOKEN", TOKEN)]);
+        self.base = format!("http://{}/api/v1", self.server.addr);
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -661,4 +670,70 @@ async fn websocket_needs_the_token() {
 fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test]
+async fn runners_and_their_files_survive_a_restart() {
+    let mut e = E2e::start(2).await;
+    let runner = e.claim(600).await;
+    assert_eq!(
+        e.copy(
+            &runner,
+            json!({"copy": [{"path": "kept.txt", "content": "a2VwdA=="}]})
+        )
+        .await
+        .status(),
+        204
+    );
+    e.restart();
+    e.wait_idle(0, 2).await;
+    let stats: Value = e
+        .client
+        .get(e.url("/statistics/execution-environments"))
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        stats["0"],
+        json!({"id": 0, "prewarmingPoolSize": 2, "idleRunners": 2, "usedRunners": 1})
+    );
+    assert_eq!(e.sh(&runner, "cat kept.txt").await.stdout(), "kept");
+    let other = e.claim(600).await;
+    assert_ne!(other, runner, "a used runner is never handed out twice");
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_executions_each_get_their_own_output() {
+    let e = E2e::start(4).await;
+    let mut runners = Vec::new();
+    for _ in 0..4 {
+        runners.push(e.claim(600).await);
+    }
+    let mut urls = Vec::new();
+    for i in 0..200 {
+        let runner = &runners[i % runners.len()];
+        urls.push((
+            i,
+            e.websocket_url(runner, json!({"command": format!("echo n{i}")}))
+                .await,
+        ));
+    }
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|(i, url)| {
+            tokio::spawn(async move {
+                let mut ws = connect(&url, Some(TOKEN)).await.expect("connect");
+                (i, read_all(&mut ws, Duration::from_secs(120)).await)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (i, t) = task.await.expect("task");
+        assert_eq!(t.stdout(), format!("n{i}\r\n"), "{t:?}");
+        assert_eq!(t.last(), json!({"type": "exit", "data": 0}));
+        assert_eq!(t.close_code, Some(1000));
+    }
 }
