@@ -2,7 +2,9 @@
 //! `GET /api/v1/openapi.json`. Route and schema names follow Poseidon's spec.
 
 use axum::Json;
+use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::openapi::{Content, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
 use crate::dto;
@@ -68,6 +70,43 @@ impl Modify for TokenScheme {
                 "A security token that might be required depending on the configuration.",
             ))),
         );
+        // The peer spec's named responses, so tools that reference them find them.
+        let json = |description: &str, schema: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        Content::new(Some(Ref::from_schema_name(schema))),
+                    )
+                    .build(),
+            )
+        };
+        let empty =
+            |description: &str| RefOr::T(ResponseBuilder::new().description(description).build());
+        let responses = [
+            ("BadRequest", json("Request is invalid.", "ClientError")),
+            ("Unauthorized", empty("Client could not be authenticated")),
+            (
+                "NotFound",
+                empty("The entity with the given identifier does not exist."),
+            ),
+            (
+                "RunnerGone",
+                json("The runner is not available any longer.", "ClientError"),
+            ),
+            (
+                "FailedFileDependency",
+                json("The file is not available.", "ClientError"),
+            ),
+            (
+                "InternalServerError",
+                json("Request could not be handled", "InternalServerError"),
+            ),
+        ];
+        for (name, response) in responses {
+            components.responses.insert(name.to_string(), response);
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The server loop: plain HTTP or TLS (rustls) on a listener, Poseidon's timeouts
-//! (`ReadHeaderTimeout` 15 s; no write timeout, so long streams are never cut), TCP_NODELAY,
+//! (`ReadHeaderTimeout` 15 s, `IdleTimeout` 60 s, request bodies within 15 s; no write timeout,
+//! so long streams are never cut), TCP_NODELAY,
 //! and graceful shutdown: stop accepting, let open execution streams end within a grace period,
 //! then end the remaining ones with a close 1001.
 
@@ -19,8 +20,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::state::Streams;
 
-/// How long a client may take to send a request's headers (Poseidon's `ReadHeaderTimeout`).
+/// How long a new connection may take to send its first request's headers (Poseidon's
+/// `ReadHeaderTimeout`).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a kept-alive connection may stay idle (Poseidon's `IdleTimeout`). hyper starts its
+/// header-read timer when a connection becomes idle, so this one timer bounds both the idle time
+/// and the headers of every later request on the connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +109,7 @@ pub async fn serve(
             server
                 .http_builder()
                 .http1()
-                .header_read_timeout(HEADER_READ_TIMEOUT);
+                .header_read_timeout(IDLE_TIMEOUT);
             tokio::spawn(server.serve(service))
         }
         Some(config) => {
@@ -113,7 +120,7 @@ pub async fn serve(
             server
                 .http_builder()
                 .http1()
-                .header_read_timeout(HEADER_READ_TIMEOUT);
+                .header_read_timeout(IDLE_TIMEOUT);
             tokio::spawn(server.serve(service))
         }
     };

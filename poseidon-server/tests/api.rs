@@ -998,3 +998,41 @@ async fn shutdown_ends_open_streams_after_the_grace_period() {
     // The runner is still there for the next start.
     assert!(s.fake.runner(&runner.as_str().into()).is_some());
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_after_the_read_timeouts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start().await;
+    // Headers never finished: the connection is closed.
+    let headers = async {
+        let mut stream = tokio::net::TcpStream::connect(&s.host)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(40), stream.read_to_end(&mut buf))
+            .await
+            .is_ok()
+    };
+    // A body that never arrives in full: 400 with a message, not a hang.
+    let body = async {
+        let mut stream = tokio::net::TcpStream::connect(&s.host)
+            .await
+            .expect("connect");
+        let request = format!(
+            "PUT /api/v1/execution-environments/1 HTTP/1.1\r\nHost: x\r\nPoseidon-Token: {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"image\":"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(40), stream.read(&mut buf)).await;
+        let n = read.ok().and_then(Result::ok).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let (closed, answer) = tokio::join!(headers, body);
+    assert!(closed, "an unfinished request head is not kept open");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("in time"), "{answer}");
+}
