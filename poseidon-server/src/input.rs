@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::FromRequest;
+use axum::extract::{FromRequest, FromRequestParts, Path};
 use axum::http::Request;
+use axum::http::request::Parts;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -42,6 +43,24 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
                     )))
                 }
             }
+        }
+    }
+}
+
+/// A path parameter decoded as text; an undecodable one (e.g. `%FF`) is a 400 with a message.
+#[derive(Debug)]
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::BadRequest(format!(
+                "invalid path parameter: {}",
+                rejection.body_text()
+            ))),
         }
     }
 }

@@ -1036,3 +1036,34 @@ async fn slow_clients_are_cut_off_after_the_read_timeouts() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("in time"), "{answer}");
 }
+
+#[tokio::test]
+async fn undecodable_path_parameters_are_400_with_a_message() {
+    let s = start().await;
+    for path in [
+        "/runners/%FF/files",
+        "/runners/%C0%AF/execute",
+        "/execution-environments/%FF",
+    ] {
+        let method = if path.ends_with("execute") {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        let r = s
+            .client
+            .request(method, s.url(path))
+            .send()
+            .await
+            .expect("send");
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(
+            status == 400 || (status == 404 && path.starts_with("/execution")),
+            "{path}: {status}"
+        );
+        if status == 400 {
+            assert!(body["message"].is_string(), "{path}: {body}");
+        }
+    }
+}

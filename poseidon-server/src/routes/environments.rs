@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_LENGTH;
 use axum::response::{IntoResponse, Response};
@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::dto::{ExecutionEnvironment, ExecutionEnvironmentList};
 use crate::error::ApiError;
-use crate::input::{self, RawBody};
+use crate::input::{self, PathParam, RawBody};
 use crate::state::AppState;
 
 type QueryMap = Result<Query<HashMap<String, String>>, QueryRejection>;
@@ -82,7 +82,7 @@ pub async fn list(
     ))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     q: QueryMap,
 ) -> Result<Json<ExecutionEnvironment>, ApiError> {
     let id = environment_id(&id)?;
@@ -107,7 +107,7 @@ pub async fn get(
     ))]
 pub async fn put(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let id = environment_id(&id)?;
@@ -137,7 +137,7 @@ pub async fn put(
     ))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<StatusCode, ApiError> {
     let id = environment_id(&id)?;
     match state.manager.delete_environment(id).await {

@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -30,7 +30,7 @@ use crate::dto::{
     RunnerResponse,
 };
 use crate::error::ApiError;
-use crate::input::{self, RawBody};
+use crate::input::{self, PathParam, RawBody};
 use crate::state::AppState;
 use crate::ws::{self, ClientFrame, ServerFrame, StreamEnd};
 
@@ -92,7 +92,7 @@ pub async fn provide(
     ))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     RawBody(_drained): RawBody,
 ) -> Result<StatusCode, ApiError> {
     let runner = used_runner(&state, &id)?;
@@ -116,7 +116,7 @@ pub async fn delete(
     ))]
 pub async fn update_files(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     RawBody(body): RawBody,
 ) -> Result<StatusCode, ApiError> {
     let runner = used_runner(&state, &id)?;
@@ -143,7 +143,7 @@ pub async fn update_files(
     ))]
 pub async fn list_files(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     q: QueryMap,
 ) -> Result<Json<FileListing>, ApiError> {
     let runner = used_runner(&state, &id)?;
@@ -189,7 +189,7 @@ pub async fn list_files(
     ))]
 pub async fn file_content(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     q: QueryMap,
 ) -> Result<Response, ApiError> {
     let runner = used_runner(&state, &id)?;
@@ -244,7 +244,7 @@ fn content_disposition(path: &str) -> HeaderValue {
     ))]
 pub async fn execute(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<ExecutionResponse>, ApiError> {
@@ -279,7 +279,7 @@ pub async fn execute(
     ))]
 pub async fn websocket(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     q: QueryMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
