@@ -25,6 +25,10 @@
 //! }
 //! ```
 //!
+//! [`LocalExecutor::start`] makes the process the child subreaper (`PR_SET_CHILD_SUBREAPER`) so
+//! that it reaps the inits it destroys; an embedder that double-forks processes of its own must
+//! reap them too.
+//!
 //! The process must run as root (it creates user namespaces with an id range, ID-mapped mounts
 //! and cgroups). Runners are not children of the server in any lasting way: they survive a
 //! `kill -9` of it, and the next [`LocalExecutor::start`] on the same data directory reattaches to

@@ -122,3 +122,34 @@ async fn sandbox_root_cannot_remount_unmount_or_escape() {
     assert_eq!(o.out(), "0\r\nx\r\n/usr/bin/bash\r\n", "{}", o.err());
     f.destroy(&r).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_init_survives_garbage_on_its_control_socket() {
+    use std::io::Write;
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let run_dir = std::fs::canonicalize(f.dir.path()).unwrap().join("run");
+    let socket = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("control socket")
+        .path();
+    let garbage: [&[u8]; 4] = [
+        b"\xff\xff\xff\xffxxxx",
+        b"\x00\x00\x00\x05{{{{{",
+        b"\x00\x00\x00\x40{\"op\":\"exec\",\"command\":\"a\\u0000b\",\"privileged\":true,\"env\":[]}",
+        b"\x00\x00",
+    ];
+    for g in garbage {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        let _ = s.write_all(g);
+    }
+    // A client that connects and says nothing does not block the init for others for long.
+    let _idle = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    assert_eq!(
+        run(&f.executor, &r, "echo still here").await.out(),
+        "still here\r\n"
+    );
+    f.destroy(&r).await;
+}

@@ -455,3 +455,16 @@ async fn two_data_directories_never_touch_each_others_runners() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_directory_too_long_for_sockets_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("d".repeat(90));
+    let err = local_adapter::LocalExecutor::start(config(&long))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, local_adapter::LocalError::DataDirTooLong(_)),
+        "{err}"
+    );
+}

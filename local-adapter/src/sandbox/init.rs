@@ -28,7 +28,8 @@ use super::{SandboxSpec, USER_ID};
 use crate::cgroup::ExecKill;
 use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, write_msg};
 
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request header may take to arrive; the init serves one header at a time.
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the sandbox and serves requests; never returns.
 pub(crate) fn run(spec: SandboxSpec, userns: OwnedFd) -> ! {
