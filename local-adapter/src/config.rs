@@ -30,6 +30,9 @@ pub struct LocalConfig {
     pub max_file_size_mb: u64,
     /// Which cgroup driver to use; `None` detects one.
     pub cgroup: Option<CgroupChoice>,
+    /// Runner networking (`networkAccess`, `exposedPorts`); `None` leaves every runner with
+    /// loopback only and refuses environments that need more.
+    pub network: Option<local_network::NetworkConfig>,
 }
 
 /// A cgroup driver chosen explicitly instead of by detection.
@@ -56,6 +59,7 @@ impl Default for LocalConfig {
             max_open_files: 1024,
             max_file_size_mb: 256,
             cgroup: None,
+            network: Some(local_network::NetworkConfig::default()),
         }
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
+use local_network::{HostNetwork, RunnerNetwork};
 use runner_core::execution::{EVENT_BUFFER, STDIN_BUFFER};
 use runner_core::{
     BackendError, BackendEvent, DestroyReason, EnvironmentId, EnvironmentSpec, ExecutionEvent,
@@ -61,6 +62,9 @@ struct Handle {
     pid: i32,
     start_time: u64,
     socket: PathBuf,
+    /// The runner's network (address, host ports), when it has one.
+    #[serde(default)]
+    network: Option<RunnerNetwork>,
 }
 
 #[derive(Debug)]
@@ -91,6 +95,8 @@ struct Inner {
     logged_host_images: Mutex<HashSet<EnvironmentId>>,
     events_tx: mpsc::UnboundedSender<BackendEvent>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<BackendEvent>>>,
+    /// Runner networking, once started (it is optional: without it runners have loopback only).
+    network: std::sync::OnceLock<HostNetwork>,
 }
 
 /// The local sandbox backend. Cheap to clone; all clones share the same runners.
@@ -222,9 +228,87 @@ impl LocalExecutor {
     ///
     /// The binary must call [`crate::sandbox_main_if_requested`] first in `main`.
     pub async fn start(config: LocalConfig) -> Result<LocalExecutor, LocalError> {
-        tokio::task::spawn_blocking(move || Self::start_blocking(config))
+        let executor = tokio::task::spawn_blocking(move || Self::start_blocking(config))
             .await
-            .map_err(|e| LocalError::Sandbox(e.to_string()))?
+            .map_err(|e| LocalError::Sandbox(e.to_string()))??;
+        executor.start_network().await;
+        Ok(executor)
+    }
+
+    /// Starts runner networking and reconnects the runners that survived with a network. A
+    /// machine without it (no `ip`/`nft`, no privilege) keeps working with loopback-only runners.
+    async fn start_network(&self) {
+        let Some(config) = self.inner.config.network.clone() else {
+            info!("runner networking disabled: runners have loopback only");
+            return;
+        };
+        let survivors: Vec<Arc<Runner>> = lock(&self.inner.runners).values().cloned().collect();
+        let keep: Vec<RunnerId> = survivors
+            .iter()
+            .filter(|r| r.handle.network.is_some())
+            .map(|r| r.id.clone())
+            .collect();
+        let tag = local_network::instance_tag(&self.inner.config.data_dir);
+        // With the default subnet, each data directory gets its own /16 in 10.128.0.0/10, so
+        // several servers (or test binaries) on one machine do not compete for one bridge subnet.
+        let derive = config.bridge_subnet == local_network::NetworkConfig::default().bridge_subnet;
+        let hash = fnv(tag.as_bytes());
+        let mut attempt = 0u64;
+        let network = loop {
+            let mut candidate = config.clone();
+            if derive {
+                let second = 128 + ((hash + attempt) % 64) as u8;
+                if let Ok(subnet) =
+                    local_network::Ipv4Net::new(std::net::Ipv4Addr::new(10, second, 0, 0), 16)
+                {
+                    candidate.bridge_subnet = subnet;
+                }
+            }
+            match HostNetwork::start(candidate, &tag, &keep).await {
+                Ok(network) => break network,
+                Err(local_network::NetworkError::SubnetInUse { .. }) if derive && attempt < 16 => {
+                    attempt += 1;
+                }
+                Err(e) => {
+                    warn!(error = %e, "runner networking unavailable: environments with networkAccess or exposedPorts cannot get runners");
+                    return;
+                }
+            }
+        };
+        let network = self.inner.network.get_or_init(|| network);
+        for runner in survivors {
+            let Some(previous) = runner.handle.network.clone() else {
+                continue;
+            };
+            let netns = PathBuf::from(format!("/proc/{}/ns/net", runner.handle.pid));
+            let ports: Vec<u16> = previous
+                .mapped_ports
+                .iter()
+                .map(|m| m.exposed_port)
+                .collect();
+            match network
+                .attach(
+                    &runner.id,
+                    &netns,
+                    previous.address.is_some(),
+                    &ports,
+                    Some(&previous),
+                )
+                .await
+            {
+                Ok(now) if now == previous => {}
+                Ok(now) => {
+                    let mut handle = runner.handle.clone();
+                    handle.network = Some(now);
+                    let store = self.inner.store.clone();
+                    let id = runner.id.clone();
+                    let _ = blocking(move || update_network(&store, &id, &handle)).await;
+                }
+                Err(e) => {
+                    warn!(runner_id = %runner.id, error = %e, "cannot reconnect the runner's network");
+                }
+            }
+        }
     }
 
     fn start_blocking(mut config: LocalConfig) -> Result<LocalExecutor, LocalError> {
@@ -321,6 +405,7 @@ impl LocalExecutor {
             logged_host_images: Mutex::new(HashSet::new()),
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
+            network: std::sync::OnceLock::new(),
         });
         inner.recover()?;
         Ok(LocalExecutor { inner })
@@ -329,6 +414,11 @@ impl LocalExecutor {
     /// Leaves every runner running (the next start reattaches to them) and closes the store
     /// cleanly, so the next start trusts its idle records.
     pub async fn shutdown(&self) {
+        if lock(&self.inner.runners).is_empty()
+            && let Some(network) = self.inner.network.get()
+        {
+            network.teardown().await;
+        }
         let inner = self.inner.clone();
         match tokio::task::spawn_blocking(move || {
             if lock(&inner.runners).is_empty() {
@@ -350,6 +440,32 @@ impl LocalExecutor {
         let runner = lock(&self.inner.runners).get(id).cloned()?;
         is_alive(&runner.handle)
             .then(|| PathBuf::from(format!("/proc/{}/ns/net", runner.handle.pid)))
+    }
+
+    /// Gives a new runner the network its environment asks for.
+    async fn connect_network(
+        &self,
+        id: &RunnerId,
+        handle: &Handle,
+        spec: &EnvironmentSpec,
+    ) -> Result<RunnerNetwork, BackendError> {
+        let Some(network) = self.inner.network.get() else {
+            return Err(BackendError::InvalidRequest(
+                "runner networking (networkAccess, exposedPorts) is not available on this machine"
+                    .into(),
+            ));
+        };
+        let netns = PathBuf::from(format!("/proc/{}/ns/net", handle.pid));
+        network
+            .attach(id, &netns, spec.network_access, &spec.exposed_ports, None)
+            .await
+            .map_err(|e| BackendError::Internal(format!("connecting the runner's network: {e}")))
+    }
+
+    async fn disconnect_network(&self, id: &RunnerId) {
+        if let Some(network) = self.inner.network.get() {
+            network.detach(id).await;
+        }
     }
 
     fn runner(&self, id: &RunnerId) -> Result<Arc<Runner>, BackendError> {
@@ -459,6 +575,9 @@ impl Inner {
             let cleanup = inner.clone();
             let _ = tokio::task::spawn_blocking(move || cleanup.teardown(&runner)).await;
             lock(&inner.runners).remove(&id);
+            if let Some(network) = inner.network.get() {
+                network.detach(&id).await;
+            }
             let _ = inner
                 .events_tx
                 .send(BackendEvent::RunnerStopped { runner: id, reason });
@@ -516,6 +635,20 @@ impl Inner {
 }
 
 /// SIGKILL to a runner's init (only if the pid still is that init) and a short wait for it.
+/// Rewrites a runner's record after its network changed on reattachment.
+fn update_network(store: &StateStore, id: &RunnerId, handle: &Handle) -> Result<(), BackendError> {
+    let Some(mut record) = store.runner(id).map_err(internal)? else {
+        return Ok(());
+    };
+    record.mapped_ports = handle
+        .network
+        .as_ref()
+        .map(|n| n.mapped_ports.clone())
+        .unwrap_or_default();
+    record.backend_data = serde_json::to_vec(handle).map_err(internal)?;
+    store.put_runner(&record).map_err(internal)
+}
+
 fn kill_init(handle: &Handle) {
     if !is_alive(handle) {
         return;
@@ -595,6 +728,7 @@ async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
                     pid,
                     start_time,
                     socket: spec.socket.clone(),
+                    network: None,
                 });
             }
         }
@@ -670,7 +804,7 @@ impl ExecutorApi for LocalExecutor {
             max_open_files: inner.config.max_open_files,
             max_file_size: inner.config.max_file_size_mb << 20,
         };
-        let handle = match spawn_sandbox(&sandbox).await {
+        let mut handle = match spawn_sandbox(&sandbox).await {
             Ok(h) => h,
             Err(e) => {
                 error!(runner_id = %id, environment_id = %spec.id, error = %e, "cannot create runner");
@@ -683,11 +817,33 @@ impl ExecutorApi for LocalExecutor {
                 return Err(BackendError::Internal(e.to_string()));
             }
         };
+        if spec.network_access || !spec.exposed_ports.is_empty() {
+            match self.connect_network(&id, &handle, spec).await {
+                Ok(network) => handle.network = Some(network),
+                Err(e) => {
+                    let runner = Runner {
+                        id: id.clone(),
+                        environment: spec.id,
+                        handle,
+                        recovered: false,
+                        destroying: false.into(),
+                    };
+                    let inner2 = inner.clone();
+                    let _ = blocking(move || inner2.teardown(&runner)).await;
+                    return Err(e);
+                }
+            }
+        }
+        let mapped_ports = handle
+            .network
+            .as_ref()
+            .map(|n| n.mapped_ports.clone())
+            .unwrap_or_default();
         let record = StoredRunner {
             id: id.clone(),
             environment: spec.id,
             state: RunnerState::Idle,
-            mapped_ports: Vec::new(),
+            mapped_ports: mapped_ports.clone(),
             backend_data: serde_json::to_vec(&handle).map_err(internal)?,
         };
         let runner = Arc::new(Runner {
@@ -701,6 +857,7 @@ impl ExecutorApi for LocalExecutor {
         if let Err(e) = blocking(move || store.put_runner(&record)).await? {
             let (inner2, r) = (inner.clone(), runner.clone());
             let _ = blocking(move || inner2.teardown(&r)).await;
+            self.disconnect_network(&id).await;
             return Err(internal(e));
         }
         lock(&inner.runners).insert(id.clone(), runner.clone());
@@ -709,7 +866,7 @@ impl ExecutorApi for LocalExecutor {
         Ok(RunnerInfo {
             id,
             environment: spec.id,
-            mapped_ports: Vec::new(),
+            mapped_ports,
         })
     }
 
@@ -722,14 +879,28 @@ impl ExecutorApi for LocalExecutor {
         let inner = self.inner.clone();
         let id = runner.clone();
         debug!(runner_id = %id, reason = %reason, "destroying runner");
-        blocking(move || match found {
+        let result = blocking(move || match found {
             Some(r) => inner.teardown(&r),
             None => {
                 let _ = inner.driver.destroy(id.as_str());
                 inner.store.remove_runner(&id).map_err(internal)
             }
         })
-        .await?
+        .await?;
+        self.disconnect_network(runner).await;
+        result
+    }
+
+    async fn record_activity(
+        &self,
+        runner: &RunnerId,
+        deadline: std::time::SystemTime,
+    ) -> Result<(), BackendError> {
+        let store = self.inner.store.clone();
+        let id = runner.clone();
+        blocking(move || store.refresh_deadline(&id, deadline))
+            .await?
+            .map_err(internal)
     }
 
     async fn mark_runner(

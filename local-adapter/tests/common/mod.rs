@@ -62,6 +62,8 @@ pub fn config(dir: &std::path::Path) -> LocalConfig {
         default_memory_mb: 256,
         max_processes: 128,
         disk_limit_mb: 64,
+        // Networking has tests of its own (network.rs); the others need no bridge.
+        network: None,
         ..LocalConfig::default()
     }
 }
