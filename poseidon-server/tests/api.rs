@@ -1067,3 +1067,30 @@ async fn undecodable_path_parameters_are_400_with_a_message() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_global_runner_cap_is_a_400_naming_the_pool_size() {
+    let config = ManagerConfig {
+        max_runners: 3,
+        ..ManagerConfig::default()
+    };
+    let s = start_with(common::Options {
+        manager: config,
+        ..Default::default()
+    })
+    .await;
+    s.environment(1, 2).await;
+    let r = s
+        .client
+        .put(s.url("/execution-environments/2"))
+        .json(&json!({"image": "img", "prewarmingPoolSize": 2}))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 400);
+    let message = r.json::<Value>().await.expect("json")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("prewarmingPoolSize"), "{message}");
+}
