@@ -122,13 +122,49 @@ pub struct LocalConfig {
     /// directories (allow-list).
     #[serde(deserialize_with = "null_as_default")]
     pub images: BTreeMap<String, PathBuf>,
+    /// Memory limit in MB of runners whose environment asks for `0`.
+    pub defaultmemory: u32,
+    /// Most processes (and threads) per runner.
+    pub maxprocesses: u32,
+    /// Size of a runner's private writable layer in MB.
+    pub disklimit: u32,
+    /// Size of a runner's `/dev/shm` in MB.
+    pub shmlimit: u32,
+    /// Open files per execution.
+    pub maxopenfiles: u64,
+    /// Largest file an execution may write, in MB.
+    pub maxfilesize: u64,
 }
 
 impl Default for LocalConfig {
     fn default() -> Self {
+        let local = local_adapter::LocalConfig::default();
         Self {
             datadir: PathBuf::from("./poseidon-data"),
             images: BTreeMap::new(),
+            defaultmemory: local.default_memory_mb,
+            maxprocesses: local.max_processes,
+            disklimit: local.disk_limit_mb,
+            shmlimit: local.shm_limit_mb,
+            maxopenfiles: local.max_open_files,
+            maxfilesize: local.max_file_size_mb,
+        }
+    }
+}
+
+impl LocalConfig {
+    /// The local backend's configuration.
+    pub fn backend_config(&self) -> local_adapter::LocalConfig {
+        local_adapter::LocalConfig {
+            data_dir: self.datadir.clone(),
+            images: self.images.clone(),
+            default_memory_mb: self.defaultmemory,
+            max_processes: self.maxprocesses,
+            disk_limit_mb: self.disklimit,
+            shm_limit_mb: self.shmlimit,
+            max_open_files: self.maxopenfiles,
+            max_file_size_mb: self.maxfilesize,
+            ..local_adapter::LocalConfig::default()
         }
     }
 }
@@ -287,6 +323,18 @@ impl Config {
         }
         if self.local.datadir.as_os_str().is_empty() {
             return Err(invalid("local.datadir", "must not be empty"));
+        }
+        for (key, value) in [
+            ("local.defaultmemory", u64::from(self.local.defaultmemory)),
+            ("local.maxprocesses", u64::from(self.local.maxprocesses)),
+            ("local.disklimit", u64::from(self.local.disklimit)),
+            ("local.shmlimit", u64::from(self.local.shmlimit)),
+            ("local.maxopenfiles", self.local.maxopenfiles),
+            ("local.maxfilesize", self.local.maxfilesize),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
         }
         if self.limits.minmemory > self.limits.maxmemory {
             return Err(invalid(

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod routes;
 pub mod serve;
 pub mod state;
+pub mod systemd;
 pub mod telemetry;
 pub mod ws;
 

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use local_adapter::{LocalConfig, LocalExecutor};
+use local_adapter::LocalExecutor;
 use poseidon_server::config::Config;
 use poseidon_server::serve::{self, TlsFiles};
-use poseidon_server::{AppState, app, telemetry};
+use poseidon_server::{AppState, app, systemd, telemetry};
 use runner_core::{EnvironmentId, EnvironmentSpec, ExecutorApi, Manager, RunnerManager};
 
 /// A code-execution runner manager with Poseidon's HTTP API v1.
@@ -60,18 +60,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Arc::new(runner_core::fake::FakeExecutor::new())
         }
         _ => {
-            let executor = LocalExecutor::start(LocalConfig {
-                data_dir: config.local.datadir.clone(),
-                images: config.local.images.clone(),
-                ..LocalConfig::default()
-            })
-            .await
-            .with_context(|| {
-                format!(
-                    "starting the local backend in {}",
-                    config.local.datadir.display()
-                )
-            })?;
+            let executor = LocalExecutor::start(config.local.backend_config())
+                .await
+                .with_context(|| {
+                    format!(
+                        "starting the local backend in {}",
+                        config.local.datadir.display()
+                    )
+                })?;
             local = Some(executor.clone());
             Arc::new(executor)
         }
@@ -115,15 +111,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let state = AppState::new(manager.clone(), config.api_settings(bound));
     let streams = state.streams.clone();
     let grace = Duration::from_secs(config.server.shutdowngrace);
-    serve::serve(
-        listener,
-        app(state),
-        tls,
-        streams,
-        grace,
-        serve::shutdown_signal(),
-    )
-    .await?;
+    let watchdog = tokio::spawn(systemd::watchdog());
+    systemd::notify("READY=1");
+    let shutdown = async {
+        serve::shutdown_signal().await;
+        systemd::notify("STOPPING=1");
+    };
+    let served = serve::serve(listener, app(state), tls, streams, grace, shutdown).await;
+    watchdog.abort();
+    served?;
     manager.shutdown().await;
     if let Some(local) = local {
         local.shutdown().await;

@@ -179,3 +179,33 @@ async fn tls_serves_https_and_wss_urls() {
     server.signal("INT");
     assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+#[test]
+fn systemd_is_notified_when_ready_and_stopping() {
+    let dir = tempfile::tempdir().expect("dir");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let notify = socket_path.to_string_lossy().to_string();
+    let mut server = spawn(&[
+        ("POSEIDON_SERVER_BACKEND", "fake"),
+        ("NOTIFY_SOCKET", notify.as_str()),
+        ("WATCHDOG_USEC", "200000"),
+    ]);
+    let mut received = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(received.iter().any(|m| m == "READY=1") && received.iter().any(|m| m == "WATCHDOG=1")) {
+        let n = socket.recv(&mut buf).expect("a notification");
+        received.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    server.signal("TERM");
+    loop {
+        let n = socket.recv(&mut buf).expect("a notification");
+        if &buf[..n] == b"STOPPING=1" {
+            break;
+        }
+    }
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+}
