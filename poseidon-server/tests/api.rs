@@ -1094,3 +1094,24 @@ async fn the_global_runner_cap_is_a_400_naming_the_pool_size() {
         .to_string();
     assert!(message.contains("prewarmingPoolSize"), "{message}");
 }
+
+#[tokio::test]
+async fn the_largest_accepted_timeouts_work() {
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, u64::from(u32::MAX)).await;
+    let t = run(
+        &s,
+        &runner,
+        json!({"command": "echo big", "timeLimit": u32::MAX}),
+    )
+    .await;
+    assert_eq!(t.stdout(), "big\r\n");
+    let r = s
+        .client
+        .delete(s.url(&format!("/runners/{runner}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+}

@@ -37,6 +37,9 @@ use crate::ws::{self, ClientFrame, ServerFrame, StreamEnd};
 /// The longest inactivity timeout and time limit accepted, in seconds.
 pub const MAX_SECONDS: u64 = u32::MAX as u64;
 
+/// Bytes of outgoing frames buffered before a send waits for the client (backpressure).
+const WRITE_BUFFER: usize = 32 * 1024;
+
 /// The largest WebSocket message a client may send (stdin).
 const MAX_CLIENT_MESSAGE: usize = 1 << 20;
 
@@ -293,6 +296,7 @@ pub async fn websocket(
     tracing::info!(runner_id = %id, %execution_id, "execution started");
     let tracker = state.streams.tracker.clone();
     let response = upgrade
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_failed_upgrade(|e| tracing::warn!(error = %e, "websocket upgrade failed"))
