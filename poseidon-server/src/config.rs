@@ -134,6 +134,30 @@ pub struct LocalConfig {
     pub maxopenfiles: u64,
     /// Largest file an execution may write, in MB.
     pub maxfilesize: u64,
+    /// Runner networking (`networkAccess`, `exposedPorts`).
+    pub network: NetworkSection,
+}
+
+/// `local.network`: runner networking. The keys besides `enabled` are those of
+/// [`local_network::NetworkConfig`]: `bridgesubnet`, `advertisedhost`, `bindaddress`,
+/// `portrange`, `blockedranges`, `hostports`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetworkSection {
+    /// Whether runners may get network access and exposed ports at all (default true).
+    pub enabled: bool,
+    /// The networking settings.
+    #[serde(flatten)]
+    pub settings: local_network::NetworkConfig,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            settings: local_network::NetworkConfig::default(),
+        }
+    }
 }
 
 impl Default for LocalConfig {
@@ -148,6 +172,7 @@ impl Default for LocalConfig {
             shmlimit: local.shm_limit_mb,
             maxopenfiles: local.max_open_files,
             maxfilesize: local.max_file_size_mb,
+            network: NetworkSection::default(),
         }
     }
 }
@@ -164,6 +189,7 @@ impl LocalConfig {
             shm_limit_mb: self.shmlimit,
             max_open_files: self.maxopenfiles,
             max_file_size_mb: self.maxfilesize,
+            network: self.network.enabled.then(|| self.network.settings.clone()),
             ..local_adapter::LocalConfig::default()
         }
     }
@@ -320,6 +346,11 @@ impl Config {
         }
         if !matches!(self.server.backend.as_str(), "local" | "fake") {
             return Err(invalid("server.backend", "must be `local` or `fake`"));
+        }
+        if self.local.network.enabled
+            && let Err(e) = self.local.network.settings.validate()
+        {
+            return Err(invalid("local.network", e.to_string()));
         }
         if self.local.datadir.as_os_str().is_empty() {
             return Err(invalid("local.datadir", "must not be empty"));
@@ -500,5 +531,36 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");
         writeln!(f, "server: [unclosed").expect("write");
         assert!(Config::load(f.path(), vars(&[])).is_err());
+    }
+
+    #[test]
+    fn network_settings_come_from_file_and_environment() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            f,
+            "local:\n  network:\n    advertisedhost: runners.example.org\n    portrange: 40000-40100\n    bridgesubnet: 10.77.0.0/16\n"
+        )
+        .expect("write");
+        let c = Config::load(
+            f.path(),
+            vars(&[("POSEIDON_LOCAL_NETWORK_ADVERTISEDHOST", "10.0.0.5")]),
+        )
+        .expect("valid");
+        let net = c.local.backend_config().network.expect("networking on");
+        assert_eq!(net.advertised_host, "10.0.0.5");
+        assert_eq!(net.port_range, 40000..=40100);
+        assert_eq!(net.bridge_subnet.to_string(), "10.77.0.0/16");
+
+        let off = Config::load(
+            Path::new("/nonexistent.yaml"),
+            vars(&[("POSEIDON_LOCAL_NETWORK_ENABLED", "false")]),
+        )
+        .expect("valid");
+        assert!(off.local.backend_config().network.is_none());
+
+        let mut bad = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(bad, "local:\n  network:\n    portrange: 50000-40000\n").expect("write");
+        let err = Config::load(bad.path(), vars(&[])).expect_err("inverted range");
+        assert!(err.to_string().contains("local.network"), "{err}");
     }
 }

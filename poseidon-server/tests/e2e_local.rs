@@ -737,3 +737,74 @@ async fn two_hundred_concurrent_executions_each_get_their_own_output() {
         assert_eq!(t.close_code, Some(1000));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposed_ports_are_returned_as_mapped_ports_and_reachable() {
+    let e2e = E2e::start(0).await;
+    let r = e2e
+        .client
+        .put(e2e.url("/execution-environments/42"))
+        .json(
+            &json!({"id": 42, "image": "host", "prewarmingPoolSize": 1, "cpuLimit": 20,
+            "memoryLimit": 100, "networkAccess": false, "exposedPorts": [8080]}),
+        )
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    e2e.wait_idle(42, 1).await;
+    let claim: Value = e2e
+        .client
+        .post(e2e.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 42, "inactivityTimeout": 60}))
+        .send()
+        .await
+        .expect("claim")
+        .json()
+        .await
+        .expect("json");
+    let runner = claim["runnerId"].as_str().expect("runnerId");
+    let mapped = claim["mappedPorts"].as_array().expect("mappedPorts");
+    assert_eq!(mapped.len(), 1, "{claim}");
+    assert_eq!(mapped[0]["exposedPort"], 8080);
+    let address = mapped[0]["hostAddress"]
+        .as_str()
+        .expect("hostAddress")
+        .to_string();
+    let serve = e2e
+        .sh(
+            runner,
+            "echo served-from-runner > page.txt && (python3 -m http.server 8080 >/dev/null 2>&1 &) && sleep 0.5",
+        )
+        .await;
+    assert_eq!(
+        serve.last(),
+        json!({"type": "exit", "data": 0}),
+        "{serve:?}"
+    );
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(mut stream) = std::net::TcpStream::connect(&address) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = stream.write_all(b"GET /page.txt HTTP/1.0\r\n\r\n");
+            body.clear();
+            let _ = stream.read_to_string(&mut body);
+            if body.contains("served-from-runner") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(body.contains("served-from-runner"), "{address}: {body:?}");
+    let deleted = e2e
+        .client
+        .delete(e2e.url(&format!("/runners/{runner}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), 204);
+    assert!(
+        std::net::TcpStream::connect(&address).is_err(),
+        "the host port is released with the runner"
+    );
+}
