@@ -158,7 +158,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
     let f = Fixture::new().await;
     let env = spec(64);
-    let cycles = 120;
+    let cycles = 1_000;
     let mut ids = Vec::new();
     for _ in 0..cycles / 4 {
         let created =
