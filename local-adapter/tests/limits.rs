@@ -33,7 +33,13 @@ async fn a_fork_bomb_is_contained_and_a_neighbour_keeps_working() {
     let cancel = CancellationToken::new();
     let handle = f
         .executor
-        .execute(&bomb, &request("b(){ b|b& }; b"), cancel.clone())
+        // The main process stays (`sleep`), so cancelling must kill the whole bomb: background
+        // processes of an execution that already ended would rightly live on.
+        .execute(
+            &bomb,
+            &request("b(){ b|b& }; b; sleep 1000"),
+            cancel.clone(),
+        )
         .await
         .expect("execute");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -43,7 +49,23 @@ async fn a_fork_bomb_is_contained_and_a_neighbour_keeps_working() {
     assert!(started.elapsed() < Duration::from_secs(20));
     cancel.cancel();
     drop(handle);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Killing thousands of processes takes a moment: until they are gone the runner's process
+    // limit still refuses a fork. It must recover within a generous bound.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = f
+            .executor
+            .execute(&bomb, &request("echo recovered"), CancellationToken::new())
+            .await;
+        if attempt.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runner never recovered: {attempt:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert_eq!(
         run(&f.executor, &bomb, "echo recovered").await.out(),
         "recovered\r\n"

@@ -333,20 +333,32 @@ impl Init<'_> {
         if let (Some(dir), Some(name)) = (&self.cgroup, cgroup) {
             match self.spec.exec_kill {
                 ExecKill::Freezer => {
+                    // A fork bomb may outrun one freeze: repeat freeze → kill everything listed
+                    // → thaw until the cgroup is empty. Frozen processes cannot fork, so a round
+                    // that reached FROZEN leaves nothing behind.
                     let state = format!("{name}/freezer.state");
-                    write_at(dir, &state, b"FROZEN");
-                    for _ in 0..200 {
-                        if read_at(dir, &state).trim() != "FREEZING" {
+                    let procs = format!("{name}/cgroup.procs");
+                    for _ in 0..50 {
+                        write_at(dir, &state, b"FROZEN");
+                        for _ in 0..500 {
+                            if read_at(dir, &state).trim() != "FREEZING" {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        let listed: Vec<i32> = read_at(dir, &procs)
+                            .lines()
+                            .filter_map(|p| p.trim().parse().ok())
+                            .collect();
+                        for p in &listed {
+                            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+                        }
+                        write_at(dir, &state, b"THAWED");
+                        if listed.is_empty() {
                             break;
                         }
-                        std::thread::sleep(Duration::from_millis(1));
+                        std::thread::sleep(Duration::from_millis(2));
                     }
-                    for p in read_at(dir, &format!("{name}/cgroup.procs")).lines() {
-                        if let Ok(p) = p.trim().parse::<i32>() {
-                            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-                        }
-                    }
-                    write_at(dir, &state, b"THAWED");
                 }
                 ExecKill::CgroupKill => write_at(dir, &format!("{name}/cgroup.kill"), b"1"),
                 ExecKill::ProcessGroup => {}
