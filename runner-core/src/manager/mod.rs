@@ -254,23 +254,12 @@ impl RunnerManager {
         let backend = Arc::clone(&self.backend);
         let policy = self.config.backoff;
         let attempts = self.config.max_attempts;
+        let state = RunnerState::Used(state);
         tokio::spawn(async move {
-            let mut backoff = Backoff::new(policy);
-            loop {
-                match backend.mark_runner(&id, &RunnerState::Used(state)).await {
-                    Ok(()) => return,
-                    Err(crate::executor::BackendError::RunnerNotFound(_)) => return,
-                    Err(err) if backoff.failures() + 1 >= attempts => {
-                        warn!(runner_id = %id, error = %err, "could not mark runner used; giving up");
-                        return;
-                    }
-                    Err(err) => {
-                        let delay = backoff.fail();
-                        debug!(runner_id = %id, error = %err, ?delay, "marking runner used failed; retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-            }
+            retry(policy, attempts, &id, "marking the runner used", || {
+                backend.mark_runner(&id, &state)
+            })
+            .await;
         });
     }
 
@@ -440,17 +429,30 @@ async fn destroy_with_retry(
     policy: BackoffPolicy,
     attempts: u32,
 ) {
+    retry(policy, attempts, runner, "destroying the runner", || {
+        backend.destroy_runner(runner, reason)
+    })
+    .await;
+}
+
+/// Runs `call` until it succeeds, the runner is gone, or `attempts` calls failed, waiting with
+/// capped exponential backoff in between.
+async fn retry<F, Fut>(policy: BackoffPolicy, attempts: u32, runner: &RunnerId, what: &str, call: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), crate::executor::BackendError>>,
+{
     let mut backoff = Backoff::new(policy);
     loop {
-        match backend.destroy_runner(runner, reason).await {
-            Ok(()) => return,
+        match call().await {
+            Ok(()) | Err(crate::executor::BackendError::RunnerNotFound(_)) => return,
             Err(err) if backoff.failures() + 1 >= attempts => {
-                warn!(runner_id = %runner, error = %err, "could not destroy runner; giving up");
+                warn!(runner_id = %runner, error = %err, "{what} failed; giving up");
                 return;
             }
             Err(err) => {
                 let delay = backoff.fail();
-                debug!(runner_id = %runner, error = %err, ?delay, "destroying runner failed; retrying");
+                debug!(runner_id = %runner, error = %err, ?delay, "{what} failed; retrying");
                 tokio::time::sleep(delay).await;
             }
         }
