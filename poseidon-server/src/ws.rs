@@ -60,6 +60,9 @@ pub enum ClientFrame {
     Other,
 }
 
+/// Most stdin bytes held for a process that is not reading its input.
+const MAX_PENDING_INPUT: usize = 1 << 20;
+
 /// Normal closure.
 pub const CLOSE_NORMAL: u16 = 1000;
 /// The server is going away (shutdown grace period over).
@@ -181,11 +184,23 @@ where
                     _ => stdin = None,
                 }
             }
-            frame = client.next(), if pending_input.is_none() => {
+            // The client is read even while input waits for the process, so its close (or
+            // departure) always cancels the execution; waiting input is bounded.
+            frame = client.next() => {
                 match frame {
                     Some(ClientFrame::Text(text)) => {
                         if stdin.is_some() && !text.is_empty() {
-                            pending_input = Some(Bytes::from(text));
+                            pending_input = match pending_input.take() {
+                                None => Some(Bytes::from(text)),
+                                Some(waiting) if waiting.len() + text.len() <= MAX_PENDING_INPUT => {
+                                    let mut joined = Vec::with_capacity(waiting.len() + text.len());
+                                    joined.extend_from_slice(&waiting);
+                                    joined.extend_from_slice(text.as_bytes());
+                                    Some(Bytes::from(joined))
+                                }
+                                // The process has not read a mebibyte of input: drop the excess.
+                                Some(waiting) => Some(waiting),
+                            };
                         }
                     }
                     Some(ClientFrame::Other) => {}
@@ -425,5 +440,23 @@ mod tests {
         );
         h.shutdown.cancel();
         assert_eq!(h.task.await.ok(), Some(StreamEnd::Shutdown));
+    }
+
+    #[tokio::test]
+    async fn client_close_cancels_even_while_stdin_is_backed_up() {
+        let mut h = harness();
+        assert_eq!(h.server.next().await, Some(msg(WsMessage::Start)));
+        // The process never reads: one chunk fills the stdin channel, the rest waits.
+        for _ in 0..20 {
+            h.client
+                .send(ClientFrame::Text("unread\n".into()))
+                .await
+                .expect("send");
+        }
+        h.client.send(ClientFrame::Close).await.expect("send");
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), h.task)
+            .await
+            .expect("the stream ends on close");
+        assert_eq!(ended.ok(), Some(StreamEnd::ClientGone));
     }
 }

@@ -67,6 +67,7 @@ pub struct FakeExecutor {
     creating_now: Arc<AtomicUsize>,
     max_concurrent_creates: Arc<AtomicUsize>,
     create_delay: Arc<Mutex<Duration>>,
+    load_delay: Arc<Mutex<Duration>>,
     /// The sender of the latest `events()` stream: each call starts a new stream, so a restarted
     /// manager over the same fake receives the events from then on.
     events_tx: Arc<Mutex<Option<mpsc::UnboundedSender<BackendEvent>>>>,
@@ -88,6 +89,7 @@ impl FakeExecutor {
             creating_now: Arc::default(),
             max_concurrent_creates: Arc::default(),
             create_delay: Arc::new(Mutex::new(Duration::ZERO)),
+            load_delay: Arc::new(Mutex::new(Duration::ZERO)),
             events_tx: Arc::default(),
         }
     }
@@ -105,6 +107,15 @@ impl FakeExecutor {
     pub fn set_create_delay(&self, delay: Duration) {
         *self
             .create_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = delay;
+    }
+
+    /// Makes `load_runners` answer `delay` (tokio time) after taking its snapshot, as a slow
+    /// backend would.
+    pub fn set_load_delay(&self, delay: Duration) {
+        *self
+            .load_delay
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = delay;
     }
@@ -276,7 +287,7 @@ impl ExecutorApi for FakeExecutor {
         &self,
         environment: EnvironmentId,
     ) -> Result<Vec<RunnerRecord>, BackendError> {
-        Ok(self
+        let records: Vec<RunnerRecord> = self
             .lock()
             .runners
             .values()
@@ -285,7 +296,15 @@ impl ExecutorApi for FakeExecutor {
                 info: r.info.clone(),
                 state: r.recorded,
             })
-            .collect())
+            .collect();
+        let delay = *self
+            .load_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(records)
     }
 
     async fn execute(

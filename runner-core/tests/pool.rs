@@ -327,3 +327,29 @@ async fn a_zero_threshold_never_reports_depletion() {
     manager.put_environment(spec(1, 4)).await.unwrap();
     assert!(manager.depleting_environments().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn pools_stopped_at_the_runner_cap_refill_when_runners_are_returned() {
+    let fake = FakeExecutor::new();
+    let config = ManagerConfig {
+        max_runners: 10,
+        ..config()
+    };
+    let manager = started(&fake, config).await;
+    manager.put_environment(spec(1, 8)).await.unwrap();
+    eventually("pool filled", || idle(&manager, 1) == 8).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(manager.claim(env_id(1), Duration::ZERO).unwrap());
+    }
+    eventually("refill stopped at the cap", || idle(&manager, 1) == 2).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(idle(&manager, 1), 2);
+    for runner in held {
+        manager.return_runner(runner.id()).await.unwrap();
+    }
+    eventually("pool refilled once capacity is free", || {
+        idle(&manager, 1) == 8
+    })
+    .await;
+}

@@ -279,3 +279,41 @@ async fn a_stopped_idle_runner_leaves_the_pool_and_is_replaced() {
         .collect();
     assert!(!claimed.contains(&victim));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_reload_neither_revives_destroyed_runners_nor_drops_new_ones() {
+    let fake = FakeExecutor::new();
+    let manager = started(&fake, config()).await;
+    manager.put_environment(spec(1, 3)).await.unwrap();
+    eventually("pool filled", || idle(&manager, 1) == 3).await;
+    fake.set_load_delay(Duration::from_secs(5));
+    fake.emit(BackendEvent::Resynchronize);
+    tokio::time::sleep(Duration::from_millis(100)).await; // the reload has taken its snapshot
+    // While the backend answers slowly: one runner is claimed and returned (refills are slow
+    // now, so the pool has room for it), and another is claimed and kept.
+    fake.set_create_delay(Duration::from_secs(3_600));
+    let gone = manager
+        .claim(env_id(1), Duration::ZERO)
+        .unwrap()
+        .id()
+        .clone();
+    manager.return_runner(&gone).await.unwrap();
+    let kept = manager.claim(env_id(1), Duration::ZERO).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await; // the reload finishes
+    assert!(fake.runner(&gone).is_none());
+    assert!(
+        manager.runner(kept.id()).is_ok(),
+        "a runner claimed meanwhile stays claimed"
+    );
+    assert_eq!(idle(&manager, 1), 1, "only the untouched runner is idle");
+    let last = manager
+        .claim(env_id(1), Duration::ZERO)
+        .unwrap()
+        .id()
+        .clone();
+    assert_ne!(last, gone, "the destroyed runner was not pooled again");
+    assert!(
+        fake.runner(&last).is_some(),
+        "the pooled runner exists on the backend"
+    );
+}

@@ -86,6 +86,11 @@ impl ManagedEnvironment {
         self.lock().pool.remove(id)
     }
 
+    /// The ids of the idle runners right now.
+    pub(super) fn idle_ids(&self) -> Vec<RunnerId> {
+        self.lock().pool.ids().cloned().collect()
+    }
+
     /// Keeps only the idle runners for which `keep` holds.
     pub(super) fn retain_idle(&self, keep: impl Fn(&RunnerId) -> bool) {
         let mut state = self.lock();
@@ -159,6 +164,10 @@ impl ManagedEnvironment {
         let mut state = self.lock();
         state.pool.creation_finished();
         let (info, generation) = created?;
+        if state.pool.contains(&info.id) {
+            // A reload found and pooled it already.
+            return None;
+        }
         if state.closed || generation != state.generation || !state.pool.wants_more() {
             return Some(info);
         }

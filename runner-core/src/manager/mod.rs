@@ -91,6 +91,9 @@ pub struct RunnerManager {
     creations: Arc<Semaphore>,
     shutdown: CancellationToken,
     weak: Weak<RunnerManager>,
+    /// Runners destroyed while a reload is reading the backend's records: the reload's snapshot
+    /// may still list them, and they must not come back.
+    tombstones: std::sync::Mutex<Option<std::collections::HashSet<RunnerId>>>,
 }
 
 impl RunnerManager {
@@ -107,6 +110,7 @@ impl RunnerManager {
             creations: Arc::new(Semaphore::new(permits)),
             shutdown: CancellationToken::new(),
             weak: weak.clone(),
+            tombstones: std::sync::Mutex::new(None),
         })
     }
 
@@ -202,8 +206,21 @@ impl RunnerManager {
         env
     }
 
+    /// Remembers a destroyed runner while a reload runs (see `tombstones`).
+    fn note_destroyed(&self, runner: &RunnerId) {
+        if let Some(set) = self
+            .tombstones
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            set.insert(runner.clone());
+        }
+    }
+
     /// Destroys a runner on the backend in the background, retrying with backoff.
     fn destroy_in_background(&self, runner: RunnerId, reason: DestroyReason) {
+        self.note_destroyed(&runner);
         let backend = Arc::clone(&self.backend);
         let policy = self.config.backoff;
         let attempts = self.config.max_attempts;
@@ -218,9 +235,14 @@ impl RunnerManager {
             .write_used()
             .remove(id)
             .ok_or_else(|| ManagerError::UnknownRunner(id.clone()))?;
+        self.note_destroyed(id);
         if let Some(env) = self.managed(runner.environment()) {
             env.used_changed(-1);
             self.check_pool_alert(&env);
+        }
+        // A used runner fewer may bring any pool that stopped at the runner cap back to work.
+        for env in self.read_envs().values() {
+            env.wake_refill();
         }
         runner.mark_destroyed(reason.clone());
         info!(runner_id = %id, environment_id = %runner.environment(), reason = reason.label(), "destroying used runner");
@@ -374,6 +396,7 @@ impl RunnerManager {
             .managed(environment)
             .ok_or(ManagerError::UnknownEnvironment(environment))?;
         let Some(info) = env.take_idle() else {
+            env.wake_refill();
             self.check_pool_alert(&env);
             return Err(ManagerError::NoIdleRunner(environment));
         };

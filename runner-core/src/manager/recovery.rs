@@ -90,7 +90,19 @@ impl RunnerManager {
         env: &Arc<ManagedEnvironment>,
         report: &mut RecoveryReport,
     ) -> Result<(), ManagerError> {
-        let records = self.backend.load_runners(env.id()).await?;
+        // What this process held before reading the backend: only those can have been lost.
+        // Runners created, claimed or destroyed while the records are read are left alone.
+        let used_before: HashSet<RunnerId> = self
+            .read_used()
+            .values()
+            .filter(|r| r.environment() == env.id())
+            .map(|r| r.id().clone())
+            .collect();
+        let idle_before: HashSet<RunnerId> = env.idle_ids().into_iter().collect();
+        self.set_tombstones(Some(HashSet::new()));
+        let records = self.backend.load_runners(env.id()).await;
+        let destroyed_meanwhile = self.set_tombstones(None).unwrap_or_default();
+        let records = records?;
         let mut seen: HashSet<RunnerId> = HashSet::new();
         let mut duplicates: HashSet<RunnerId> = HashSet::new();
         for record in &records {
@@ -99,11 +111,10 @@ impl RunnerManager {
             }
         }
         // Runners we hold that the backend no longer has are gone.
-        let lost_used: Vec<RunnerId> = self
-            .read_used()
-            .values()
-            .filter(|r| r.environment() == env.id() && !seen.contains(r.id()))
-            .map(|r| r.id().clone())
+        let lost_used: Vec<RunnerId> = used_before
+            .iter()
+            .filter(|id| !seen.contains(*id) && self.read_used().contains_key(*id))
+            .cloned()
             .collect();
         for id in lost_used {
             let _ = self
@@ -113,11 +124,13 @@ impl RunnerManager {
                 )
                 .await;
         }
-        env.retain_idle(|id| seen.contains(id) && !duplicates.contains(id));
+        env.retain_idle(|id| {
+            !idle_before.contains(id) || (seen.contains(id) && !duplicates.contains(id))
+        });
 
         let mut handled: HashSet<RunnerId> = HashSet::new();
         for RunnerRecord { info, state } in records {
-            if !handled.insert(info.id.clone()) {
+            if !handled.insert(info.id.clone()) || destroyed_meanwhile.contains(&info.id) {
                 continue;
             }
             if duplicates.contains(&info.id) {
@@ -176,6 +189,17 @@ impl RunnerManager {
         }
         env.wake_refill();
         Ok(())
+    }
+
+    /// Replaces the tombstone set, returning the previous one.
+    fn set_tombstones(&self, new: Option<HashSet<RunnerId>>) -> Option<HashSet<RunnerId>> {
+        std::mem::replace(
+            &mut *self
+                .tombstones
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            new,
+        )
     }
 
     async fn forget_and_destroy(&self, id: &RunnerId, reason: DestroyReason) {
