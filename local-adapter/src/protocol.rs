@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 /// Largest header the init accepts.
 pub(crate) const MAX_REQUEST: usize = 1 << 20;
 /// Largest answer the server accepts (a recursive listing can be long).
-pub(crate) const MAX_RESPONSE: usize = 256 << 20;
+pub(crate) const MAX_RESPONSE: usize = 64 << 20;
 
 /// What the server asks the init to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -143,7 +143,16 @@ async fn cancel_kills_the_whole_tree_of_background_children() {
             }
         }
     }
-    assert_eq!(count_processes(&f, &r, "sleep").await, 3);
+    // `started` may be printed before every background shell has started its sleep.
+    let mut running = 0;
+    for _ in 0..50 {
+        running = count_processes(&f, &r, "sleep").await;
+        if running == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(running, 3);
     cancel.cancel();
     let end = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(ev) = events.recv().await {

@@ -355,3 +355,32 @@ async fn planted_symlinks_and_dot_dots_stay_inside_the_runner() {
     assert_eq!(run(&f.executor, &r, "cat /tmp/dots.txt").await.out(), "y");
     f.destroy(&r).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn planted_descriptor_links_lead_nowhere_outside_the_runner() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let plant = "for n in 3 4 5 6 7 8 9 10; do ln -s /proc/self/fd/$n/../../.. /workspace/l$n; ln -s /proc/self/fd/$n /workspace/d$n; done";
+    assert_eq!(run(&f.executor, &r, plant).await.code(), Some(0));
+    for n in 3..=10 {
+        for (name, privileged) in [
+            (format!("l{n}"), true),
+            (format!("d{n}"), true),
+            (format!("l{n}"), false),
+        ] {
+            let listed = f
+                .executor
+                .list_files(&r, &list(&format!("/workspace/{name}/"), true, privileged))
+                .await;
+            if let Ok(entries) = listed {
+                let host = entries.iter().find(|e| {
+                    e.name.contains("cgroup.procs")
+                        || e.name.contains("memory.limit_in_bytes")
+                        || e.name.contains("poseidon-")
+                });
+                assert!(host.is_none(), "{name} reached the host: {host:?}");
+            }
+        }
+    }
+    f.destroy(&r).await;
+}

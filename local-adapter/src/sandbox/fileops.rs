@@ -20,6 +20,11 @@ pub(crate) const WORKSPACE: &str = "/workspace";
 /// Largest listing returned (entries), so a huge tree cannot exhaust memory.
 const MAX_ENTRIES: usize = 100_000;
 
+/// Largest listing returned (bytes of names and link targets), so long names cannot exhaust the
+/// server's memory either: JSON escaping may grow them sixfold, which stays under
+/// `protocol::MAX_RESPONSE`.
+const MAX_LISTING_BYTES: usize = 8 << 20;
+
 /// Serves one file operation on `conn` and exits.
 pub(crate) fn serve(mut conn: UnixStream, request: crate::protocol::Request) -> ! {
     use crate::protocol::Request;
@@ -251,6 +256,7 @@ struct Lister {
     users: HashMap<u32, String>,
     groups: HashMap<u32, String>,
     entries: Vec<Entry>,
+    bytes: usize,
 }
 
 impl Lister {
@@ -288,7 +294,7 @@ impl Lister {
         names.sort();
         let mut subdirs = Vec::new();
         for n in names {
-            if self.entries.len() >= MAX_ENTRIES {
+            if self.entries.len() >= MAX_ENTRIES || self.bytes >= MAX_LISTING_BYTES {
                 break;
             }
             let p = dir.join(&n);
@@ -299,6 +305,7 @@ impl Lister {
                 subdirs.push(n.clone());
             }
             let e = self.entry(format!("{prefix}{n}"), &p, &meta);
+            self.bytes += 64 + e.name.len() + e.link_target.as_ref().map_or(0, String::len);
             self.entries.push(e);
         }
         if recursive {
@@ -325,6 +332,7 @@ fn list(client_path: &str, recursive: bool) -> Response {
         users: names("/etc/passwd"),
         groups: names("/etc/group"),
         entries: Vec::new(),
+        bytes: 0,
     };
     if meta.is_dir() {
         let prefix = if client_path.ends_with('/') || client_path.is_empty() {

@@ -184,6 +184,11 @@ impl Init<'_> {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
                 let _ = conn.set_write_timeout(None);
                 reset_signals();
+                // File operations resolve client paths, which may run through symlinks user
+                // code planted (e.g. to /proc/self/fd/N): this process must hold no descriptor
+                // but its connection, or such a path could reach the host directory behind it
+                // (the init keeps one on its host cgroup).
+                close_all_but(conn.as_raw_fd());
                 super::fileops::serve(conn, request)
             }
             Ok(ForkResult::Parent { .. }) => {}
@@ -402,6 +407,26 @@ impl Init<'_> {
             nix::unistd::unlinkat(dir, name.as_str(), nix::unistd::UnlinkatFlags::RemoveDir)
                 .is_err()
         });
+    }
+}
+
+/// Closes every descriptor of this (single-threaded, forked) process above stderr except `keep`.
+fn close_all_but(keep: std::os::fd::RawFd) {
+    let open: Vec<std::os::fd::RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => (3..1024).collect(),
+    };
+    for fd in open {
+        if fd > 2 && fd != keep {
+            // SAFETY: closing descriptors of a freshly forked, single-threaded child; no object
+            // of this process uses them afterwards (the directory listing above is finished).
+            unsafe {
+                libc::close(fd);
+            }
+        }
     }
 }
 
