@@ -68,6 +68,7 @@ pub struct FakeExecutor {
     max_concurrent_creates: Arc<AtomicUsize>,
     create_delay: Arc<Mutex<Duration>>,
     load_delay: Arc<Mutex<Duration>>,
+    mark_delay: Arc<Mutex<Duration>>,
     /// The sender of the latest `events()` stream: each call starts a new stream, so a restarted
     /// manager over the same fake receives the events from then on.
     events_tx: Arc<Mutex<Option<mpsc::UnboundedSender<BackendEvent>>>>,
@@ -90,6 +91,7 @@ impl FakeExecutor {
             max_concurrent_creates: Arc::default(),
             create_delay: Arc::new(Mutex::new(Duration::ZERO)),
             load_delay: Arc::new(Mutex::new(Duration::ZERO)),
+            mark_delay: Arc::new(Mutex::new(Duration::ZERO)),
             events_tx: Arc::default(),
         }
     }
@@ -116,6 +118,14 @@ impl FakeExecutor {
     pub fn set_load_delay(&self, delay: Duration) {
         *self
             .load_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = delay;
+    }
+
+    /// Makes `mark_runner` take `delay` (tokio time) before recording, as a slow backend would.
+    pub fn set_mark_delay(&self, delay: Duration) {
+        *self
+            .mark_delay
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = delay;
     }
@@ -271,6 +281,13 @@ impl ExecutorApi for FakeExecutor {
         runner: &RunnerId,
         recorded: &RunnerState,
     ) -> Result<(), BackendError> {
+        let delay = *self
+            .mark_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let mut state = self.lock();
         let r = state
             .runners

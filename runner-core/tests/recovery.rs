@@ -317,3 +317,21 @@ async fn a_slow_reload_neither_revives_destroyed_runners_nor_drops_new_ones() {
         "the pooled runner exists on the backend"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_a_claims_used_mark() {
+    let fake = FakeExecutor::new();
+    let manager = started(&fake, config()).await;
+    manager.put_environment(spec(1, 1)).await.unwrap();
+    eventually("pool filled", || idle(&manager, 1) == 1).await;
+    fake.set_mark_delay(Duration::from_secs(2));
+    let runner = manager.claim(env_id(1), Duration::from_secs(60)).unwrap();
+    manager.shutdown().await;
+    assert!(
+        matches!(
+            fake.runner(runner.id()).map(|r| r.recorded),
+            Some(RecordedState::Used(_))
+        ),
+        "the used-mark was recorded before shutdown returned"
+    );
+}

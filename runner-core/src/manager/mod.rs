@@ -32,6 +32,9 @@ use crate::executor::{BackendEvent, ExecutorApi, RunnerInfo, RunnerState, UsedSt
 use crate::ids::{EnvironmentId, RunnerId};
 use crate::traits::{Environment, Manager, PutOutcome, Runner};
 
+/// How long shutdown waits for background backend calls.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 /// How the manager behaves; every field has a sensible default.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -94,6 +97,9 @@ pub struct RunnerManager {
     /// Runners destroyed while a reload is reading the backend's records: the reload's snapshot
     /// may still list them, and they must not come back.
     tombstones: std::sync::Mutex<Option<std::collections::HashSet<RunnerId>>>,
+    /// Background backend calls (used-marks, destructions) that shutdown waits for, so a clean
+    /// shutdown does not leave a claim unrecorded or a replaced runner alive.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl RunnerManager {
@@ -111,6 +117,7 @@ impl RunnerManager {
             shutdown: CancellationToken::new(),
             weak: weak.clone(),
             tombstones: std::sync::Mutex::new(None),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -128,6 +135,15 @@ impl RunnerManager {
     /// start; used runners' executions are not interrupted by this call.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "background backend calls still running at shutdown; the next start reconciles them"
+            );
+        }
         let used: Vec<_> = self.read_used().values().cloned().collect();
         for runner in used {
             runner.stop_timer();
@@ -224,7 +240,7 @@ impl RunnerManager {
         let backend = Arc::clone(&self.backend);
         let policy = self.config.backoff;
         let attempts = self.config.max_attempts;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             destroy_with_retry(backend.as_ref(), &runner, &reason, policy, attempts).await;
         });
     }
@@ -277,7 +293,7 @@ impl RunnerManager {
         let policy = self.config.backoff;
         let attempts = self.config.max_attempts;
         let state = RunnerState::Used(state);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             retry(policy, attempts, &id, "marking the runner used", || {
                 backend.mark_runner(&id, &state)
             })
