@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompRule, TargetArch, sock_filter,
 };
 
 /// Why the filter could not be built or installed.
@@ -89,9 +89,29 @@ fn arch() -> Result<TargetArch, SeccompError> {
         .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))
 }
 
-/// The two programs: `clone3` → ENOSYS, and the deny list (with `clone` + namespace flags) →
-/// EPERM. Everything else is allowed.
-pub(crate) fn programs() -> Result<[BpfProgram; 2], SeccompError> {
+/// A program answering every x32 system call (numbers with bit 30 set on x86-64) with
+/// `ENOSYS`: the deny list names x86-64 numbers only, and on kernels with the x32 ABI the same
+/// calls exist under those other numbers. The other programs check the architecture field, which
+/// x32 shares with x86-64.
+fn x32_guard() -> BpfProgram {
+    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS, offset 0 = seccomp_data.nr
+    const JGE: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        op(LD_NR, 0, 0, 0),
+        op(JGE, 0, 1, X32_SYSCALL_BIT),
+        op(RET, 0, 0, RET_ERRNO | libc::ENOSYS as u32),
+        op(RET, 0, 0, RET_ALLOW),
+    ]
+}
+
+/// The programs: x32 numbers → ENOSYS, `clone3` → ENOSYS, and the deny list (with `clone` +
+/// namespace flags) → EPERM. Everything else is allowed.
+pub(crate) fn programs() -> Result<[BpfProgram; 3], SeccompError> {
     let arch = arch()?;
     let clone3: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, vec![])].into();
     let clone3 = SeccompFilter::new(
@@ -119,11 +139,11 @@ pub(crate) fn programs() -> Result<[BpfProgram; 2], SeccompError> {
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
     )?;
-    Ok([clone3.try_into()?, denied.try_into()?])
+    Ok([x32_guard(), clone3.try_into()?, denied.try_into()?])
 }
 
-/// Installs both programs on the calling thread (requires `no_new_privs`).
-pub(crate) fn install(programs: &[BpfProgram; 2]) -> Result<(), SeccompError> {
+/// Installs the programs on the calling thread (requires `no_new_privs`).
+pub(crate) fn install(programs: &[BpfProgram; 3]) -> Result<(), SeccompError> {
     for p in programs {
         seccompiler::apply_filter(p)?;
     }
@@ -136,8 +156,38 @@ mod tests {
 
     #[test]
     fn filter_compiles_for_this_machine() {
-        let [a, b] = programs().unwrap();
+        let [x32, a, b] = programs().unwrap();
+        assert_eq!(x32.len(), 4);
         assert!(!a.is_empty());
         assert!(b.len() > DENIED.len());
+    }
+
+    /// Runs the x32 guard the way the kernel would, for the three opcodes it uses.
+    fn verdict(program: &BpfProgram, nr: u32) -> u32 {
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let op = &program[pc];
+            match op.code {
+                0x20 => acc = nr,
+                0x35 => {
+                    pc += usize::from(if acc >= op.k { op.jt } else { op.jf });
+                }
+                0x06 => return op.k,
+                other => panic!("unexpected opcode {other:#x}"),
+            }
+            pc += 1;
+        }
+    }
+
+    #[test]
+    fn x32_numbers_get_enosys_and_native_ones_pass() {
+        let guard = x32_guard();
+        assert_eq!(verdict(&guard, libc::SYS_getpid as u32), 0x7fff_0000);
+        assert_eq!(verdict(&guard, libc::SYS_unshare as u32), 0x7fff_0000);
+        let x32_unshare = 0x4000_0000 | libc::SYS_unshare as u32;
+        assert_eq!(
+            verdict(&guard, x32_unshare),
+            0x0005_0000 | libc::ENOSYS as u32
+        );
     }
 }
