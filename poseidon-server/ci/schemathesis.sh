@@ -21,7 +21,13 @@ if ! command -v schemathesis >/dev/null 2>&1; then
 fi
 
 cargo build --quiet -p poseidon-server
-binary="${CARGO_TARGET_DIR:-target}/debug/poseidon-server"
+# Absolute, because the server runs from a scratch directory (CARGO_TARGET_DIR may be relative or unset).
+target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+binary="$target_dir/debug/poseidon-server"
+if [ ! -x "$binary" ]; then
+    echo "schemathesis: no server binary at $binary" >&2
+    exit 1
+fi
 workdir="$(mktemp -d)"
 log="$workdir/server.log"
 token="schemathesis-token"
