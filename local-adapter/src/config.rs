@@ -33,6 +33,10 @@ pub struct LocalConfig {
     /// Runner networking (`networkAccess`, `exposedPorts`); `None` leaves every runner with
     /// loopback only and refuses environments that need more.
     pub network: Option<local_network::NetworkConfig>,
+    /// Longest a file operation (or the start of an execution) may wait on the runner without
+    /// progress before it fails. Code in a runner can stop the helper that serves a request;
+    /// this bounds how long the request then hangs.
+    pub stall_timeout: std::time::Duration,
 }
 
 /// A cgroup driver chosen explicitly instead of by detection.
@@ -60,6 +64,7 @@ impl Default for LocalConfig {
             max_file_size_mb: 256,
             cgroup: None,
             network: Some(local_network::NetworkConfig::default()),
+            stall_timeout: std::time::Duration::from_secs(60),
         }
     }
 }

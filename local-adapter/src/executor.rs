@@ -972,11 +972,14 @@ impl ExecutorApi for LocalExecutor {
                 .collect(),
         };
         let socket = r.handle.socket.clone();
+        let stall = self.inner.config.stall_timeout;
         let (conn, fds) = blocking(
             move || -> Result<(UnixStream, Vec<OwnedFd>), BackendError> {
                 let mut conn = connect(&socket).map_err(internal)?;
+                conn.set_read_timeout(Some(stall)).map_err(internal)?;
                 write_msg(&mut conn, &message).map_err(internal)?;
                 let (response, fds): (Response, _) = recv_with_fds(&conn, 2).map_err(internal)?;
+                conn.set_read_timeout(None).map_err(internal)?;
                 match response {
                     Response::Started if fds.len() == 2 => Ok((conn, fds)),
                     Response::Error { message } => Err(BackendError::Internal(message)),
@@ -1028,8 +1031,11 @@ impl ExecutorApi for LocalExecutor {
         }
         let socket = r.handle.socket.clone();
         let update = update.clone();
+        let stall = self.inner.config.stall_timeout;
         let response = blocking(move || -> io::Result<Response> {
             let mut conn = connect(&socket)?;
+            conn.set_write_timeout(Some(stall))?;
+            conn.set_read_timeout(Some(stall))?;
             let request = Request::Update {
                 delete: update.delete.clone(),
                 copies: update
@@ -1042,11 +1048,9 @@ impl ExecutorApi for LocalExecutor {
                     .collect(),
             };
             write_msg(&mut conn, &request)?;
-            conn.set_write_timeout(Some(Duration::from_secs(120)))?;
             for c in &update.copy {
                 io::Write::write_all(&mut conn, &c.content)?;
             }
-            conn.set_read_timeout(Some(Duration::from_secs(120)))?;
             read_msg(&mut conn, MAX_RESPONSE)
         })
         .await?
@@ -1082,10 +1086,11 @@ impl ExecutorApi for LocalExecutor {
             recursive: request.recursive,
             privileged: request.privileged,
         };
+        let stall = self.inner.config.stall_timeout;
         let response = blocking(move || -> io::Result<Response> {
             let mut conn = connect(&socket)?;
+            conn.set_read_timeout(Some(stall))?;
             write_msg(&mut conn, &message)?;
-            conn.set_read_timeout(Some(Duration::from_secs(120)))?;
             read_msg(&mut conn, MAX_RESPONSE)
         })
         .await?
@@ -1125,10 +1130,13 @@ impl ExecutorApi for LocalExecutor {
             path: path.to_string(),
             privileged,
         };
+        let stall = self.inner.config.stall_timeout;
         let (response, conn) = blocking(move || -> io::Result<(Response, UnixStream)> {
             let mut conn = connect(&socket)?;
+            conn.set_read_timeout(Some(stall))?;
             write_msg(&mut conn, &message)?;
             let response = read_msg(&mut conn, MAX_RESPONSE)?;
+            conn.set_read_timeout(None)?;
             Ok((response, conn))
         })
         .await?
@@ -1141,12 +1149,20 @@ impl ExecutorApi for LocalExecutor {
         };
         conn.set_nonblocking(true).map_err(internal)?;
         let conn = tokio::net::UnixStream::from_std(conn).map_err(internal)?;
-        let body = stream::unfold((conn, size), |(mut conn, left)| async move {
+        let body = stream::unfold((conn, size), move |(mut conn, left)| async move {
             if left == 0 {
                 return None;
             }
             let mut buf = vec![0u8; left.min(64 * 1024) as usize];
-            match conn.read(&mut buf).await {
+            let read = tokio::time::timeout(stall, conn.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the runner stopped sending the file",
+                    ))
+                });
+            match read {
                 Ok(0) => Some((
                     Err(FileError::Backend(internal("the file ended early"))),
                     (conn, 0),

@@ -384,3 +384,48 @@ async fn planted_descriptor_links_lead_nowhere_outside_the_runner() {
     }
     f.destroy(&r).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_whose_helper_is_stopped_fails_instead_of_hanging() {
+    let f = Fixture::with(|c| c.stall_timeout = std::time::Duration::from_secs(2)).await;
+    let r = f.runner().await;
+    let made = run(
+        &f.executor,
+        &r,
+        "head -c 8000000 /dev/zero > /workspace/big",
+    )
+    .await;
+    assert_eq!(made.code(), Some(0), "{}", made.err());
+    let content = f.executor.read_file(&r, "big", false).await.unwrap();
+    let mut body = content.body;
+    let first = body.next().await.expect("a first chunk").unwrap();
+    assert!(!first.is_empty());
+    // The runner's own code stops the process that serves the download.
+    // Its /proc/<pid>/fd is closed even to sandbox root, so find it as the one process of
+    // `user` whose parent is the init.
+    let mut stop = request(
+        "for p in /proc/[0-9]*; do grep -q '^PPid:\\s1$' $p/status && grep -q '^Uid:\\s1000\\s' $p/status \
+         && kill -STOP ${p#/proc/} && echo stopped; done; true",
+    );
+    stop.privileged_execution = true;
+    let stopped = run_with(&f.executor, &r, stop, None).await;
+    assert!(stopped.out().contains("stopped"), "{stopped:?}");
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            match body.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the download hung");
+    assert!(
+        matches!(drained, Some(FileError::Backend(_))),
+        "a stalled download must end in an error, got {drained:?}"
+    );
+    // The runner still serves others.
+    assert_eq!(run(&f.executor, &r, "echo ok").await.out().trim(), "ok");
+    f.destroy(&r).await;
+}
