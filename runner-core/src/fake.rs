@@ -63,6 +63,7 @@ struct State {
 pub struct FakeExecutor {
     state: Arc<Mutex<State>>,
     failing_creates: Arc<AtomicU32>,
+    failing_environment_deletes: Arc<AtomicU32>,
     create_attempts: Arc<AtomicUsize>,
     creating_now: Arc<AtomicUsize>,
     max_concurrent_creates: Arc<AtomicUsize>,
@@ -86,6 +87,7 @@ impl FakeExecutor {
         Self {
             state: Arc::default(),
             failing_creates: Arc::default(),
+            failing_environment_deletes: Arc::default(),
             create_attempts: Arc::default(),
             creating_now: Arc::default(),
             max_concurrent_creates: Arc::default(),
@@ -103,6 +105,11 @@ impl FakeExecutor {
     /// Makes the next `n` runner creations fail.
     pub fn fail_next_creates(&self, n: u32) {
         self.failing_creates.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` calls of `delete_environment` fail as if the backend were unreachable.
+    pub fn fail_next_environment_deletes(&self, n: u32) {
+        self.failing_environment_deletes.store(n, Ordering::SeqCst);
     }
 
     /// Makes every creation take `delay` (tokio time).
@@ -220,6 +227,15 @@ impl ExecutorApi for FakeExecutor {
     }
 
     async fn delete_environment(&self, id: EnvironmentId) -> Result<(), BackendError> {
+        if self
+            .failing_environment_deletes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(BackendError::Unreachable(
+                "injected environment deletion failure".into(),
+            ));
+        }
         self.lock().environments.remove(&id);
         Ok(())
     }

@@ -241,6 +241,20 @@ async fn deleting_an_environment_destroys_all_its_runners() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_transient_backend_failure_does_not_leave_a_deleted_environment_behind() {
+    let fake = FakeExecutor::new();
+    let manager = started(&fake, config()).await;
+    manager.put_environment(spec(1, 1)).await.unwrap();
+    fake.fail_next_environment_deletes(2);
+    manager.delete_environment(env_id(1)).await.unwrap();
+    assert!(manager.environment(env_id(1)).is_none());
+    assert!(
+        fake.environments().is_empty(),
+        "the backend still holds the environment, so a restart would bring it back"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn returned_runners_are_destroyed_and_no_longer_addressable() {
     let fake = FakeExecutor::new();
     let manager = started(&fake, config()).await;

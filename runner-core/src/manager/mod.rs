@@ -28,7 +28,9 @@ use crate::backoff::{Backoff, BackoffPolicy};
 use crate::destroy::DestroyReason;
 use crate::environment::{EnvironmentSpec, SpecBounds, ValidationError};
 use crate::error::ManagerError;
-use crate::executor::{BackendEvent, ExecutorApi, RunnerInfo, RunnerState, UsedState};
+use crate::executor::{
+    BackendError, BackendEvent, ExecutorApi, RunnerInfo, RunnerState, UsedState,
+};
 use crate::ids::{EnvironmentId, RunnerId};
 use crate::traits::{Environment, Manager, PutOutcome, Runner};
 
@@ -554,7 +556,23 @@ impl Manager for RunnerManager {
             futures::future::join_all(destroy_used),
         )
         .await;
-        self.backend.delete_environment(id).await?;
+        // The environment is already gone from memory, so a transient backend failure is retried
+        // here rather than left for the client to retry into a 404.
+        let mut backoff = Backoff::new(self.config.backoff);
+        loop {
+            match self.backend.delete_environment(id).await {
+                Ok(()) | Err(BackendError::EnvironmentNotFound(_)) => break,
+                Err(err) if backoff.failures() + 1 >= self.config.max_attempts => {
+                    warn!(environment_id = %id, error = %err, "deleting the environment failed");
+                    return Err(err.into());
+                }
+                Err(err) => {
+                    let delay = backoff.fail();
+                    debug!(environment_id = %id, error = %err, ?delay, "deleting the environment failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
         info!(environment_id = %id, "environment deleted");
         Ok(())
     }
