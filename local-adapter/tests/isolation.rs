@@ -153,3 +153,28 @@ async fn the_init_survives_garbage_on_its_control_socket() {
     );
     f.destroy(&r).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn descriptors_the_server_inherited_never_reach_a_runner() {
+    // A descriptor without close-on-exec, as a socket-activating parent or a harness leaves one.
+    let leaked = std::fs::File::open("/etc/hostname").expect("open");
+    rustix::io::fcntl_setfd(&leaked, rustix::io::FdFlags::empty()).expect("clear CLOEXEC");
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let mut req = request("ls /proc/self/fd; readlink /proc/self/fd/* || true");
+    req.privileged_execution = true;
+    let out = run_with(&f.executor, &r, req, None).await;
+    let listed: Vec<u32> = out
+        .out()
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        listed.iter().all(|fd| *fd <= 3),
+        "an execution holds more than stdio and ls's own directory: {}",
+        out.out()
+    );
+    assert!(!out.out().contains("hostname"), "{}", out.out());
+    drop(leaked);
+    f.destroy(&r).await;
+}

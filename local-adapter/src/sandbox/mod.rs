@@ -69,6 +69,7 @@ pub(crate) fn run_if_requested() {
     if std::env::var_os(MARKER).is_none() {
         return;
     }
+    close_inherited_descriptors();
     let code = match helper() {
         Ok(()) => 0,
         Err(message) => {
@@ -79,6 +80,25 @@ pub(crate) fn run_if_requested() {
         }
     };
     std::process::exit(code);
+}
+
+/// Closes every descriptor above stderr. Whatever started the server may have left descriptors
+/// open without close-on-exec (a socket-activated listener, a harness's pipe); the helper, the
+/// init and every execution would otherwise inherit them, handing host files or sockets to code
+/// in the runner.
+#[allow(unsafe_code)]
+fn close_inherited_descriptors() {
+    // SAFETY: close_range(2) on descriptors this freshly exec'd, still single-threaded process
+    // holds no Rust object for (stdin, stdout and stderr stay).
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if closed != 0 {
+        for fd in 3..4096 {
+            // SAFETY: as above, one descriptor at a time where close_range is missing.
+            unsafe {
+                libc::close(fd);
+            }
+        }
+    }
 }
 
 fn helper() -> Result<(), String> {
