@@ -53,6 +53,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Taken before anything starts child processes.
+    let activated =
+        systemd::activated_listener().context("taking the socket-activated listener")?;
     let mut local = None;
     let backend: Arc<dyn ExecutorApi> = match config.server.backend.as_str() {
         "fake" => {
@@ -97,8 +100,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let listener = std::net::TcpListener::bind(config.listen_addr())
-        .with_context(|| format!("binding {}", config.listen_addr()))?;
+    let listener = match activated {
+        Some(listener) => {
+            tracing::info!("socket-activated: serving on the listener systemd passed");
+            listener
+        }
+        None => std::net::TcpListener::bind(config.listen_addr())
+            .with_context(|| format!("binding {}", config.listen_addr()))?,
+    };
     let bound = listener.local_addr()?;
     let tls = if config.server.tls.active {
         Some(serve::tls_config(&TlsFiles {

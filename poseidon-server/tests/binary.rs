@@ -209,3 +209,44 @@ fn systemd_is_notified_when_ready_and_stopping() {
     }
     assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+#[tokio::test]
+async fn a_socket_activated_server_serves_on_the_passed_listener() {
+    let dir = tempfile::tempdir().expect("dir");
+    // python3 plays systemd: it binds, passes the socket as fd 3 with LISTEN_FDS/LISTEN_PID for
+    // its own pid, and execs the server. The configured address cannot be bound here, so only
+    // the passed listener can answer.
+    let launcher = r#"
+import os, socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+print(s.getsockname()[1], flush=True)
+env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.execve(sys.argv[1], [sys.argv[1]], env)
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", launcher, env!("CARGO_BIN_EXE_poseidon-server")])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .env("POSEIDON_SERVER_BACKEND", "fake")
+        .env("POSEIDON_SERVER_ADDRESS", "192.0.2.1")
+        .env("POSEIDON_SERVER_PORT", "7200")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("port");
+    let port: u16 = line.trim().parse().expect("a port");
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/health")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(health.expect("health").status(), 204);
+}
