@@ -137,6 +137,12 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(internal)
 }
 
+/// The host uid owning `runner`'s user namespace: one per runner, from a range of its own
+/// (`0x3000_0000..0x4000_0000`) below the sandboxes' id ranges (`0x4000_0000..0x5000_0000`).
+fn namespace_owner(runner: &RunnerId) -> u32 {
+    0x3000_0000 + (fnv(runner.as_str().as_bytes()) % 0x1000_0000) as u32
+}
+
 /// The start time (clock ticks since boot) of `pid`, to tell a runner's init from a reused pid.
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -795,6 +801,7 @@ impl ExecutorApi for LocalExecutor {
             socket: inner.socket_path(&id),
             staging: inner.paths.staging.clone(),
             uid_base: inner.uid_base,
+            ns_owner: namespace_owner(&id),
             root: inner.root_spec(spec),
             disk_limit_mb: inner.config.disk_limit_mb,
             shm_limit_mb: inner.config.shm_limit_mb,

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{Fixture, request, run, run_with};
-use runner_core::RunnerId;
+use runner_core::{ExecutorApi, RunnerId};
 
 async fn root(f: &Fixture, r: &RunnerId, cmd: &str) -> common::Outcome {
     let mut req = request(cmd);
@@ -177,4 +177,52 @@ async fn descriptors_the_server_inherited_never_reach_a_runner() {
     assert!(!out.out().contains("hostname"), "{}", out.out());
     drop(leaked);
     f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_user_kernel_limits_are_not_shared_with_host_root_or_other_runners() {
+    let f = Fixture::new().await;
+    let (a, b) = (f.runner().await, f.runner().await);
+    // Runner A takes every inotify instance the kernel grants it and holds them.
+    let hog = request(
+        "python3 -c \"import ctypes,sys,time\nlibc=ctypes.CDLL(None)\nfds=[]\n\
+         while len(fds)<100000:\n    fd=libc.inotify_init()\n    if fd<0: break\n    fds.append(fd)\n\
+         print('held', len(fds), flush=True)\ntime.sleep(20)\"",
+    );
+    let handle = f
+        .executor
+        .execute(&a, &hog, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("execute");
+    let mut events = handle.events;
+    let mut seen = String::new();
+    while !seen.contains("held") {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), events.recv()).await {
+            Ok(Some(runner_core::ExecutionEvent::Stdout(b))) => {
+                seen.push_str(&String::from_utf8_lossy(&b))
+            }
+            Ok(Some(other)) => panic!("the hog ended early: {other:?} after {seen:?}"),
+            Ok(None) | Err(_) => panic!("the hog never reported: {seen:?}"),
+        }
+    }
+    // Host root (this test process) and runner B still get theirs.
+    let host = rustix::fs::inotify::init(rustix::fs::inotify::CreateFlags::CLOEXEC);
+    assert!(
+        host.is_ok(),
+        "host root lost inotify to a runner ({seen:?}): {host:?}"
+    );
+    let other = run(
+        &f.executor,
+        &b,
+        "python3 -c \"import ctypes; print('fd', ctypes.CDLL(None).inotify_init() >= 0)\"",
+    )
+    .await;
+    assert!(
+        other.out().contains("fd True"),
+        "another runner lost inotify: {}",
+        other.out()
+    );
+    drop(events);
+    f.destroy(&a).await;
+    f.destroy(&b).await;
 }

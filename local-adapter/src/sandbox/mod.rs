@@ -40,6 +40,9 @@ pub(crate) struct SandboxSpec {
     pub staging: PathBuf,
     /// Host uid/gid of the sandbox's root; `ID_RANGE` ids are mapped from it.
     pub uid_base: u32,
+    /// Host uid that owns the runner's user namespace (unique per runner, never used by a
+    /// process outside the namespace): the runner's per-user kernel limits are charged to it.
+    pub ns_owner: u32,
     pub root: RootSpec,
     pub disk_limit_mb: u32,
     pub shm_limit_mb: u32,
@@ -111,7 +114,8 @@ fn helper() -> Result<(), String> {
         serde_json::from_slice(&input).map_err(|e| format!("bad specification: {e}"))?;
     setup::join_cgroups(&spec).map_err(|e| e.to_string())?;
     // Created before the pid namespace, so the helper sees its holder's pid as /proc shows it.
-    let userns = setup::create_user_namespace(spec.uid_base).map_err(|e| e.to_string())?;
+    let userns =
+        setup::create_user_namespace(spec.uid_base, spec.ns_owner).map_err(|e| e.to_string())?;
     setup::unshare_namespaces().map_err(|e| e.to_string())?;
     setup::fork_init(spec, userns).map_err(|e| e.to_string())
 }

@@ -121,7 +121,13 @@ pub(crate) fn open_exec_cgroup(spec: &SandboxSpec) -> Result<Option<OwnedFd>> {
 
 /// Helper: creates the runner's user namespace (through a short-lived child, so the init itself
 /// can still build mounts as the host's root) and returns an fd on it.
-pub(crate) fn create_user_namespace(uid_base: u32) -> Result<OwnedFd> {
+///
+/// The namespace is created by a holder process running as the unprivileged host uid `owner`,
+/// which the kernel records as the namespace's owner: per-user kernel limits of the processes
+/// inside (inotify instances and watches, message queues, pending signals, …) are charged
+/// upwards to `owner`, not to host root, so a runner exhausting them hurts neither the host's
+/// root services nor runners with another owner.
+pub(crate) fn create_user_namespace(uid_base: u32, owner: u32) -> Result<OwnedFd> {
     let (ready_r, ready_w) = pipe().map_err(step("user namespace pipe"))?;
     let (hold_r, hold_w) = pipe().map_err(step("user namespace pipe"))?;
     // SAFETY: the init is single-threaded; the child only makes raw system calls and exits.
@@ -129,7 +135,11 @@ pub(crate) fn create_user_namespace(uid_base: u32) -> Result<OwnedFd> {
         ForkResult::Child => {
             drop(ready_r);
             drop(hold_w);
-            let ok = unshare(CloneFlags::CLONE_NEWUSER).is_ok();
+            let (u, g) = (Uid::from_raw(owner), Gid::from_raw(owner));
+            let ok = nix::unistd::setgroups(&[]).is_ok()
+                && nix::unistd::setresgid(g, g, g).is_ok()
+                && nix::unistd::setresuid(u, u, u).is_ok()
+                && unshare(CloneFlags::CLONE_NEWUSER).is_ok();
             let _ = nix::unistd::write(&ready_w, if ok { b"1" } else { b"0" });
             let mut buf = [0u8; 1];
             let _ = nix::unistd::read(&hold_r, &mut buf);
