@@ -20,9 +20,10 @@ pub struct LocalConfig {
     pub default_memory_mb: u32,
     /// Most processes (and threads) a runner may have at once.
     pub max_processes: u32,
-    /// Size of a runner's private writable layer in MB (its whole disk).
+    /// Size of a runner's private writable layer in MB (its whole disk), at most half the
+    /// runner's memory: the layer is a tmpfs whose pages count against it.
     pub disk_limit_mb: u32,
-    /// Size of a runner's `/dev/shm` in MB.
+    /// Size of a runner's `/dev/shm` in MB, at most a quarter of the runner's memory.
     pub shm_limit_mb: u32,
     /// `RLIMIT_NOFILE` of executions.
     pub max_open_files: u64,

@@ -75,6 +75,8 @@ struct Runner {
     /// Found alive at start-up (its idle record may be stale after a crash).
     recovered: bool,
     destroying: std::sync::atomic::AtomicBool,
+    /// Set when the init died on its own: whether the runner was killed for memory.
+    died_of_oom: std::sync::OnceLock<bool>,
 }
 
 #[derive(Debug)]
@@ -148,6 +150,18 @@ fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the runner's init has exited: gone, replaced by another process, or a zombie.
+fn has_exited(handle: &Handle) -> bool {
+    match std::fs::read_to_string(format!("/proc/{}/stat", handle.pid)) {
+        Err(_) => true,
+        Ok(s) => {
+            start_time(handle.pid) != Some(handle.start_time)
+                || s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        }
+    }
 }
 
 fn is_alive(handle: &Handle) -> bool {
@@ -502,6 +516,7 @@ impl Inner {
                         handle: h,
                         recovered: true,
                         destroying: false.into(),
+                        died_of_oom: std::sync::OnceLock::new(),
                     });
                     lock(&self.runners).insert(record.id.clone(), runner.clone());
                     self.watch(runner);
@@ -571,6 +586,7 @@ impl Inner {
                 return;
             }
             let oom = inner.driver.oom_killed(runner.id.as_str());
+            let _ = runner.died_of_oom.set(oom);
             let reason = if oom {
                 DestroyReason::OomKilled
             } else {
@@ -614,6 +630,18 @@ impl Inner {
             max_processes: self.config.max_processes,
             cpu_shares: Limits::cpu_shares_from_mhz(spec.cpu_limit),
         }
+    }
+
+    /// Sizes of a runner's writable layer and `/dev/shm` in MB. Their pages count against the
+    /// runner's memory, so the layer gets at most half of it and `/dev/shm` a quarter: filling
+    /// them ends in "No space left on device" inside a runner that survives, not in an OOM kill
+    /// of the whole runner.
+    fn tmpfs_sizes_mb(&self, memory_bytes: u64) -> (u32, u32) {
+        let memory_mb = u32::try_from(memory_bytes >> 20).unwrap_or(u32::MAX);
+        (
+            self.config.disk_limit_mb.min(memory_mb / 2).max(1),
+            self.config.shm_limit_mb.min(memory_mb / 4).max(1),
+        )
     }
 
     fn root_spec(&self, spec: &EnvironmentSpec) -> RootSpec {
@@ -669,16 +697,7 @@ fn kill_init(handle: &Handle) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
             Ok(_) => return,
             Err(_) => {
-                let stat = std::fs::read_to_string(format!("/proc/{}/stat", handle.pid));
-                let gone = match stat {
-                    Err(_) => true,
-                    Ok(s) => {
-                        start_time(handle.pid) != Some(handle.start_time)
-                            || s.rsplit_once(')')
-                                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-                    }
-                };
-                if gone {
+                if has_exited(handle) {
                     return;
                 }
             }
@@ -780,6 +799,7 @@ impl ExecutorApi for LocalExecutor {
         let id = RunnerId::generate(spec.id);
         let started = Instant::now();
         let limits = inner.limits(spec);
+        let (disk_limit_mb, shm_limit_mb) = inner.tmpfs_sizes_mb(limits.memory_bytes);
         let driver_inner = inner.clone();
         let cg_id = id.clone();
         let placement = blocking(move || {
@@ -803,8 +823,8 @@ impl ExecutorApi for LocalExecutor {
             uid_base: inner.uid_base,
             ns_owner: namespace_owner(&id),
             root: inner.root_spec(spec),
-            disk_limit_mb: inner.config.disk_limit_mb,
-            shm_limit_mb: inner.config.shm_limit_mb,
+            disk_limit_mb,
+            shm_limit_mb,
             procs_files: placement.procs_files.clone(),
             exec_parent: placement.exec_parent.clone(),
             exec_kill: placement.exec_kill,
@@ -834,6 +854,7 @@ impl ExecutorApi for LocalExecutor {
                         handle,
                         recovered: false,
                         destroying: false.into(),
+                        died_of_oom: std::sync::OnceLock::new(),
                     };
                     let inner2 = inner.clone();
                     let _ = blocking(move || inner2.teardown(&runner)).await;
@@ -859,6 +880,7 @@ impl ExecutorApi for LocalExecutor {
             handle,
             recovered: false,
             destroying: false.into(),
+            died_of_oom: std::sync::OnceLock::new(),
         });
         let store = inner.store.clone();
         if let Err(e) = blocking(move || store.put_runner(&record)).await? {
@@ -1015,8 +1037,7 @@ impl ExecutorApi for LocalExecutor {
             stdin: stdin_rx,
             events: events_tx,
             cancel,
-            inner: Arc::downgrade(&self.inner),
-            runner: r.id.clone(),
+            runner: r.clone(),
         };
         tokio::spawn(pump.run());
         Ok(ExecutionHandle {
@@ -1205,8 +1226,7 @@ struct Pump {
     stdin: mpsc::Receiver<Bytes>,
     events: mpsc::Sender<ExecutionEvent>,
     cancel: CancellationToken,
-    inner: Weak<Inner>,
-    runner: RunnerId,
+    runner: Arc<Runner>,
 }
 
 async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
@@ -1345,11 +1365,25 @@ impl Pump {
         }
     }
 
-    /// The init went away without reporting an exit: the runner is gone.
+    /// The init went away without reporting an exit: the runner is gone. Whether it was killed
+    /// for memory is known once the init's watcher saw it exit; the connection breaks a moment
+    /// before that.
     async fn fail(&self) {
-        let oom = self.inner.upgrade().is_some_and(|i| {
-            i.driver.oom_killed(self.runner.as_str()) && !protocol_alive(&i, &self.runner)
-        });
+        let mut oom = false;
+        for _ in 0..100 {
+            if let Some(died_of_oom) = self.runner.died_of_oom.get() {
+                oom = *died_of_oom;
+                break;
+            }
+            if self
+                .runner
+                .destroying
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let failure = if oom {
             ExecutionFailure::OomKilled
         } else {
@@ -1357,10 +1391,4 @@ impl Pump {
         };
         let _ = self.send(ExecutionEvent::Error(failure)).await;
     }
-}
-
-fn protocol_alive(inner: &Inner, runner: &RunnerId) -> bool {
-    lock(&inner.runners)
-        .get(runner)
-        .is_some_and(|r| is_alive(&r.handle))
 }

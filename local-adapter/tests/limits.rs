@@ -86,6 +86,100 @@ async fn an_endless_file_hits_the_runner_disk_limit() {
     f.destroy(&r).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn files_bigger_than_the_memory_limit_fill_the_disk_not_the_memory() {
+    // The test config's disk limit (64 MB) is above what a 48 MB runner may hold in its tmpfs.
+    let f = Fixture::new().await;
+    let r = f.runner_with(common::spec(48)).await;
+    for target in ["/workspace/big", "/tmp/big", "/dev/shm/big"] {
+        let o = run(
+            &f.executor,
+            &r,
+            &format!("head -c 100M /dev/zero > {target}"),
+        )
+        .await;
+        assert_ne!(o.code(), Some(0), "{target}");
+        assert!(
+            o.err().contains("No space left on device"),
+            "{target}: {:?} {:?}",
+            o.err(),
+            o.terminal
+        );
+    }
+    // Everything full at once still leaves the runner alive.
+    let o = run(
+        &f.executor,
+        &r,
+        "echo alive; rm /workspace/big /tmp/big /dev/shm/big",
+    )
+    .await;
+    assert_eq!(o.out(), "alive\r\n");
+    f.destroy(&r).await;
+}
+
+/// The host pid of `runner`'s init: the process in its cgroup that is pid 1 of its namespace.
+fn init_pid(runner: &runner_core::RunnerId) -> Option<u32> {
+    runner_processes(runner)
+        .into_iter()
+        .find_map(|(pid, ns_pid)| (ns_pid == 1).then_some(pid))
+}
+
+/// Host and namespace pids of the processes in `runner`'s cgroups.
+fn runner_processes(runner: &runner_core::RunnerId) -> Vec<(u32, u32)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cgroups = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            let ns_pid = nspid.split_whitespace().last()?.parse().ok()?;
+            cgroups.contains(runner.as_str()).then_some((pid, ns_pid))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_killed_for_memory_ends_its_execution_with_the_oom_message() {
+    let f = Fixture::new().await;
+    let r = f.runner_with(common::spec(64)).await;
+    // Make the init the OOM killer's first choice, as if the runner as a whole ran out: the
+    // init gets the highest score, and the command's shell (which inherits it) is set back to
+    // normal before it starts the memory bomb.
+    let init = init_pid(&r).expect("the runner's init");
+    std::fs::write(format!("/proc/{init}/oom_score_adj"), "1000").expect("oom_score_adj");
+    let id = r.clone();
+    let lower = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        for (pid, ns_pid) in runner_processes(&id) {
+            if ns_pid != 1 {
+                let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "0");
+            }
+        }
+    });
+    let o = run(
+        &f.executor,
+        &r,
+        "sleep 2; </dev/zero head -c 200M | tail > /dev/null",
+    )
+    .await;
+    lower.join().expect("lowering thread");
+    assert_eq!(
+        o.terminal,
+        Some(ExecutionEvent::Error(
+            runner_core::ExecutionFailure::OomKilled
+        )),
+        "{o:?}"
+    );
+    assert_eq!(
+        runner_core::ExecutionFailure::OomKilled.to_string(),
+        "the allocation was OOM Killed"
+    );
+}
+
 fn rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
