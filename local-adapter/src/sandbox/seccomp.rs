@@ -2,7 +2,8 @@
 //! all it spawns).
 //!
 //! It denies what could leak across sandboxes or escape one: new namespaces, the mount API,
-//! keyrings, io_uring, userfaultfd, tracing other processes, kernel module and kexec calls.
+//! keyrings, io_uring, userfaultfd, tracing other processes, kernel module and kexec calls, and
+//! vsock sockets.
 //! `clone3` is answered with `ENOSYS` so libcs fall back to `clone`, whose flags a classic BPF
 //! filter can inspect.
 
@@ -84,6 +85,9 @@ const NAMESPACE_FLAGS: &[i32] = &[
     libc::CLONE_NEWTIME,
 ];
 
+/// `AF_VSOCK` talks to the hypervisor and other VMs, which network namespaces do not isolate.
+const DENIED_SOCKET_FAMILIES: &[i32] = &[libc::AF_VSOCK];
+
 fn arch() -> Result<TargetArch, SeccompError> {
     TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))
@@ -133,6 +137,17 @@ pub(crate) fn programs() -> Result<[BpfProgram; 3], SeccompError> {
         )?])?);
     }
     denied.insert(libc::SYS_clone, clone_rules);
+    // Socket families that reach past the runner's network namespace.
+    let mut socket_rules = Vec::new();
+    for &family in DENIED_SOCKET_FAMILIES {
+        socket_rules.push(SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            family as u64,
+        )?])?);
+    }
+    denied.insert(libc::SYS_socket, socket_rules);
     let denied = SeccompFilter::new(
         denied,
         SeccompAction::Allow,
