@@ -100,9 +100,12 @@ fn errno_text(e: &io::Error) -> String {
 fn update(conn: &mut UnixStream, delete: &[String], copies: &[CopyHeader]) -> Response {
     for d in delete {
         if d == "./*" {
+            // Poseidon runs `rm -rf ./*` in the workspace: the glob leaves dotfiles alone.
             if let Ok(rd) = fs::read_dir(WORKSPACE) {
                 for e in rd.flatten() {
-                    remove(&e.path());
+                    if !e.file_name().as_encoded_bytes().starts_with(b".") {
+                        remove(&e.path());
+                    }
                 }
             }
         } else {
@@ -352,25 +355,39 @@ fn list(client_path: &str, recursive: bool) -> Response {
     }
 }
 
+/// Largest file without a size (e.g. in `/proc`) that is read whole and sent.
+const MAX_UNSIZED_FILE: u64 = 1 << 20;
+
+/// Sends a regular file. Anything else (directories, FIFOs, devices, sockets) is not a file to
+/// download: opening a FIFO would wait for a writer and a device may never end.
 fn read(conn: &mut UnixStream, client_path: &str) -> Response {
     let path = resolve(client_path);
-    let Ok(file) = fs::File::open(&path) else {
+    let Ok(file) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+    else {
         return Response::NotFound;
     };
     let Ok(meta) = file.metadata() else {
         return Response::NotFound;
     };
-    if meta.is_dir() {
+    if !meta.is_file() {
         return Response::NotFound;
     }
-    if meta.is_file() {
+    if meta.len() > 0 {
         if write_msg(conn, &Response::File { size: meta.len() }).is_err() {
             std::process::exit(0);
         }
         let _ = io::copy(&mut file.take(meta.len()), conn);
     } else {
+        // Size 0 may be an empty file or a generated one such as /proc/self/status.
         let mut content = Vec::new();
-        if file.take(64 << 20).read_to_end(&mut content).is_err() {
+        if file
+            .take(MAX_UNSIZED_FILE)
+            .read_to_end(&mut content)
+            .is_err()
+        {
             return Response::NotFound;
         }
         if write_msg(
