@@ -20,9 +20,9 @@ use local_network::{HostNetwork, RunnerNetwork};
 use runner_core::execution::{EVENT_BUFFER, STDIN_BUFFER};
 use runner_core::{
     BackendError, BackendEvent, DestroyReason, EnvironmentId, EnvironmentSpec, ExecutionEvent,
-    ExecutionFailure, ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent, FileError,
-    FileFailure, FileHeader, FileUpdate, ListFilesRequest, RecordedState, RunnerId, RunnerInfo,
-    RunnerRecord, RunnerState,
+    ExecutionFailure, ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent, FileCopy,
+    FileError, FileFailure, FileHeader, FileUpdate, ListFilesRequest, RecordedState, RunnerId,
+    RunnerInfo, RunnerRecord, RunnerState,
 };
 use serde::{Deserialize, Serialize};
 use storage::{StateStore, StoredRunner};
@@ -45,6 +45,9 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the main process exited, output still arriving is forwarded until the pipes are quiet
 /// this long (background processes may keep them open).
+/// Longest path accepted in a file update (Linux's `PATH_MAX` is 4096; longer ones are refused
+/// rather than carried to the runner).
+const MAX_PATH_LEN: usize = 4096;
 const DRAIN_QUIET: Duration = Duration::from_millis(30);
 const DRAIN_MAX: Duration = Duration::from_millis(300);
 
@@ -1053,49 +1056,57 @@ impl ExecutorApi for LocalExecutor {
             .iter()
             .chain(update.copy.iter().map(|c| &c.path))
         {
-            if p.contains('\0') || p.is_empty() {
+            if p.contains('\0') || p.is_empty() || p.len() > MAX_PATH_LEN {
                 return Err(FileError::InvalidPath(p.clone()));
             }
         }
         let socket = r.handle.socket.clone();
         let update = update.clone();
         let stall = self.inner.config.stall_timeout;
-        let response = blocking(move || -> io::Result<Response> {
-            let mut conn = connect(&socket)?;
-            conn.set_write_timeout(Some(stall))?;
-            conn.set_read_timeout(Some(stall))?;
-            let request = Request::Update {
-                delete: update.delete.clone(),
-                copies: update
-                    .copy
-                    .iter()
-                    .map(|c| CopyHeader {
-                        path: c.path.clone(),
-                        len: c.content.len() as u64,
-                    })
-                    .collect(),
-            };
-            write_msg(&mut conn, &request)?;
-            for c in &update.copy {
-                io::Write::write_all(&mut conn, &c.content)?;
+        let responses = blocking(move || -> io::Result<Vec<Response>> {
+            let mut responses = Vec::new();
+            for batch in update_batches(&update) {
+                let mut conn = connect(&socket)?;
+                conn.set_write_timeout(Some(stall))?;
+                conn.set_read_timeout(Some(stall))?;
+                let request = Request::Update {
+                    delete: batch.delete.iter().map(|d| (*d).clone()).collect(),
+                    copies: batch
+                        .copy
+                        .iter()
+                        .map(|c| CopyHeader {
+                            path: c.path.clone(),
+                            len: c.content.len() as u64,
+                        })
+                        .collect(),
+                };
+                write_msg(&mut conn, &request)?;
+                for c in &batch.copy {
+                    io::Write::write_all(&mut conn, &c.content)?;
+                }
+                responses.push(read_msg(&mut conn, MAX_RESPONSE)?);
             }
-            read_msg(&mut conn, MAX_RESPONSE)
+            Ok(responses)
         })
         .await?
         .map_err(internal)?;
-        match response {
-            Response::Updated { failures } if failures.is_empty() => Ok(()),
-            Response::Updated { failures } => Err(FileError::Partial(
-                failures
-                    .into_iter()
-                    .map(|f| FileFailure {
+        let mut failures = Vec::new();
+        for response in responses {
+            match response {
+                Response::Updated { failures: f } => {
+                    failures.extend(f.into_iter().map(|f| FileFailure {
                         path: f.path,
                         reason: f.reason,
-                    })
-                    .collect(),
-            )),
-            Response::Error { message } => Err(internal(message).into()),
-            other => Err(internal(format!("unexpected answer {other:?}")).into()),
+                    }));
+                }
+                Response::Error { message } => return Err(internal(message).into()),
+                other => return Err(internal(format!("unexpected answer {other:?}")).into()),
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(FileError::Partial(failures))
         }
     }
 
@@ -1214,6 +1225,46 @@ impl ExecutorApi for LocalExecutor {
             None => stream::pending().boxed(),
         }
     }
+}
+
+/// One request's share of a file update.
+#[derive(Debug, Default)]
+struct UpdateBatch<'a> {
+    delete: Vec<&'a String>,
+    copy: Vec<&'a FileCopy>,
+}
+
+/// Splits `update` into requests whose headers stay well within the init's request limit
+/// (`protocol::MAX_REQUEST`), deletions first: together they do what `update` asks, in order.
+fn update_batches(update: &FileUpdate) -> Vec<UpdateBatch<'_>> {
+    const HEADER_BUDGET: usize = 256 << 10;
+    const PER_ENTRY: usize = 48;
+    let mut batches = vec![UpdateBatch::default()];
+    let mut used = 0;
+    let mut room = |len: usize, batches: &mut Vec<UpdateBatch<'_>>| {
+        let cost = len + PER_ENTRY;
+        let last = batches
+            .last()
+            .is_some_and(|b| !b.delete.is_empty() || !b.copy.is_empty());
+        if used + cost > HEADER_BUDGET && last {
+            batches.push(UpdateBatch::default());
+            used = 0;
+        }
+        used += cost;
+    };
+    for d in &update.delete {
+        room(d.len(), &mut batches);
+        if let Some(b) = batches.last_mut() {
+            b.delete.push(d);
+        }
+    }
+    for c in &update.copy {
+        room(c.path.len(), &mut batches);
+        if let Some(b) = batches.last_mut() {
+            b.copy.push(c);
+        }
+    }
+    batches
 }
 
 /// Moves one execution's bytes: PTY master → `Stdout`, stderr pipe → `Stderr`, stdin channel →

@@ -159,6 +159,13 @@ async fn deletes_happen_before_copies() {
     f.executor
         .update_files(
             &r,
+            &update(vec![copy(".hidden", "H"), copy(".hdir/x", "X")]),
+        )
+        .await
+        .unwrap();
+    f.executor
+        .update_files(
+            &r,
             &FileUpdate {
                 delete: vec!["./*".into()],
                 copy: vec![],
@@ -166,12 +173,10 @@ async fn deletes_happen_before_copies() {
         )
         .await
         .unwrap();
-    assert!(
-        f.executor
-            .list_files(&r, &list("./", true, true))
-            .await
-            .unwrap()
-            .is_empty()
+    // `./*` is the shell glob Poseidon runs: dotfiles stay.
+    assert_eq!(
+        run(&f.executor, &r, "ls -A | tr '\\n' ' '").await.out(),
+        ".hdir .hidden "
     );
     f.destroy(&r).await;
 }
@@ -427,5 +432,75 @@ async fn a_download_whose_helper_is_stopped_fails_instead_of_hanging() {
     );
     // The runner still serves others.
     assert_eq!(run(&f.executor, &r, "echo ok").await.out().trim(), "ok");
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_regular_files_are_downloaded_and_generated_ones_whole() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let made = run(&f.executor, &r, "mkfifo /workspace/fifo && echo made").await;
+    assert_eq!(made.out().trim(), "made", "{}", made.err());
+    for path in ["fifo", "/dev/urandom", "/dev/zero", "/workspace"] {
+        let started = std::time::Instant::now();
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            read(&f, &r, path, false),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("downloading {path} hung"));
+        assert!(
+            matches!(got, Err(FileError::NotFound)),
+            "{path}: {:?}",
+            got.map(|b| b.len())
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{path}"
+        );
+    }
+    // Files in /proc have no size but content.
+    let status = read(&f, &r, "/proc/self/status", false).await.unwrap();
+    assert!(String::from_utf8_lossy(&status).contains("Name:"));
+    // An empty regular file is still a file.
+    assert_eq!(
+        run(&f.executor, &r, "touch /workspace/empty").await.code(),
+        Some(0)
+    );
+    assert_eq!(read(&f, &r, "empty", false).await.unwrap(), b"");
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_with_tens_of_thousands_of_files_is_written_whole() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let copies: Vec<FileCopy> = (0..30_000)
+        .map(|i| FileCopy {
+            path: format!("many/file-{i:06}.txt"),
+            content: Bytes::new(),
+        })
+        .collect();
+    f.executor
+        .update_files(
+            &r,
+            &FileUpdate {
+                delete: vec!["many".into()],
+                copy: copies,
+            },
+        )
+        .await
+        .expect("a big update");
+    assert_eq!(
+        run(&f.executor, &r, "ls many | wc -l").await.out().trim(),
+        "30000"
+    );
+    let long = "a/".repeat(3000);
+    assert!(matches!(
+        f.executor
+            .update_files(&r, &update(vec![copy(&long, "x")]))
+            .await,
+        Err(FileError::InvalidPath(_))
+    ));
     f.destroy(&r).await;
 }

@@ -226,3 +226,17 @@ async fn per_user_kernel_limits_are_not_shared_with_host_root_or_other_runners()
     f.destroy(&a).await;
     f.destroy(&b).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vsock_sockets_are_refused_even_to_sandbox_root() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let o = root(
+        &f,
+        &r,
+        "python3 -c \"import socket\ntry:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n    print('created')\nexcept OSError as e:\n    print('refused', e.errno)\"",
+    )
+    .await;
+    assert!(o.out().starts_with("refused"), "{} {}", o.out(), o.err());
+    f.destroy(&r).await;
+}
