@@ -504,3 +504,34 @@ async fn an_update_with_tens_of_thousands_of_files_is_written_whole() {
     ));
     f.destroy(&r).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_bigger_than_the_runner_fails_by_name_and_the_others_are_written() {
+    let f = Fixture::new().await;
+    let r = f.runner_with(common::spec(64)).await;
+    let big = FileCopy {
+        path: "big.bin".into(),
+        content: Bytes::from(vec![7u8; 60 << 20]),
+    };
+    let result = f
+        .executor
+        .update_files(
+            &r,
+            &FileUpdate {
+                delete: vec![],
+                copy: vec![big, copy("small.txt", "small")],
+            },
+        )
+        .await;
+    match result {
+        Err(FileError::Partial(failures)) => {
+            assert_eq!(failures.len(), 1, "{failures:?}");
+            assert_eq!(failures[0].path, "big.bin");
+            assert!(failures[0].reason.contains("No space"), "{failures:?}");
+        }
+        other => panic!("expected the big file to fail by name, got {other:?}"),
+    }
+    assert_eq!(read(&f, &r, "small.txt", false).await.unwrap(), b"small");
+    assert_eq!(run(&f.executor, &r, "echo alive").await.out(), "alive\r\n");
+    f.destroy(&r).await;
+}

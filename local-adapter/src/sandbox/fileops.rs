@@ -113,19 +113,46 @@ fn update(conn: &mut UnixStream, delete: &[String], copies: &[CopyHeader]) -> Re
         }
     }
     let mut failures = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
     for c in copies {
-        let mut content = Vec::new();
-        if let Err(e) = Read::by_ref(conn).take(c.len).read_to_end(&mut content) {
-            return Response::Error {
-                message: format!("reading file content: {e}"),
+        // Content streams from the connection into the file: a file as big as the runner's
+        // memory must not be held in it. A failed file's remaining bytes are read and dropped.
+        let (mut file, mut failure) = match open_target(&c.path) {
+            Ok(file) => (file, None),
+            Err(reason) => (None, Some(reason)),
+        };
+        let mut left = c.len;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let n = match conn.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Response::Error {
+                        message: "file content ended early".into(),
+                    };
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Response::Error {
+                        message: format!("reading file content: {e}"),
+                    };
+                }
             };
+            left -= n as u64;
+            if let Some(f) = file.as_mut()
+                && let Err(e) = f.write_all(&buf[..n])
+            {
+                failure = Some(format!("Cannot write: {}", errno_text(&e)));
+                file = None;
+                // A truncated file would only hold on to the space the other files need.
+                let _ = fs::remove_file(resolve(&c.path));
+            }
         }
-        if content.len() as u64 != c.len {
-            return Response::Error {
-                message: "file content ended early".into(),
-            };
+        if let Some(f) = file {
+            let _ = f.set_permissions(fs::Permissions::from_mode(0o744));
+            let _ = nix::unistd::fchown(&f, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
         }
-        if let Err(reason) = copy_one(&c.path, &content) {
+        if let Some(reason) = failure {
             failures.push(Failure {
                 path: c.path.clone(),
                 reason,
@@ -158,7 +185,9 @@ fn create_parents(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn copy_one(client_path: &str, content: &[u8]) -> Result<(), String> {
+/// Prepares one copy target: creates its parent directories, then either the directory itself
+/// (a path ending in `/`; no file to write) or an empty root-owned file to write the content to.
+fn open_target(client_path: &str) -> Result<Option<fs::File>, String> {
     let is_dir = client_path.ends_with('/');
     let path = PathBuf::from(resolve(client_path));
     create_parents(&path)?;
@@ -169,6 +198,7 @@ fn copy_one(client_path: &str, content: &[u8]) -> Result<(), String> {
             Err(e) => return Err(format!("Cannot mkdir: {}", errno_text(&e))),
         }
         return fs::set_permissions(&path, fs::Permissions::from_mode(0o1777))
+            .map(|()| None)
             .map_err(|e| format!("Cannot change mode: {}", errno_text(&e)));
     }
     let open_new = || {
@@ -179,7 +209,7 @@ fn copy_one(client_path: &str, content: &[u8]) -> Result<(), String> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
     };
-    let mut file = match open_new() {
+    let file = match open_new() {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             if fs::symlink_metadata(&path)
@@ -200,11 +230,7 @@ fn copy_one(client_path: &str, content: &[u8]) -> Result<(), String> {
         }
         Err(e) => return Err(format!("Cannot open: {}", errno_text(&e))),
     };
-    file.write_all(content)
-        .map_err(|e| format!("Cannot write: {}", errno_text(&e)))?;
-    let _ = file.set_permissions(fs::Permissions::from_mode(0o744));
-    let _ = nix::unistd::fchown(&file, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
-    Ok(())
+    Ok(Some(file))
 }
 
 fn names(file: &str) -> HashMap<u32, String> {
