@@ -126,9 +126,9 @@ pub struct LocalConfig {
     pub defaultmemory: u32,
     /// Most processes (and threads) per runner.
     pub maxprocesses: u32,
-    /// Size of a runner's private writable layer in MB.
+    /// Size of a runner's private writable layer in MB (at most half the runner's memory).
     pub disklimit: u32,
-    /// Size of a runner's `/dev/shm` in MB.
+    /// Size of a runner's `/dev/shm` in MB (at most a quarter of the runner's memory).
     pub shmlimit: u32,
     /// Open files per execution.
     pub maxopenfiles: u64,
