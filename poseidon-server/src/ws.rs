@@ -7,6 +7,8 @@
 //! the execution's events, which stops the process. It never waits on stdin while output is
 //! pending, so a process that does not read its input cannot deadlock the stream.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use runner_core::{Execution, ExecutionEvent, ExecutionFailure};
@@ -67,6 +69,9 @@ const MAX_PENDING_INPUT: usize = 1 << 20;
 pub const CLOSE_NORMAL: u16 = 1000;
 /// The server is going away (shutdown grace period over).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// How long sending the close frame may wait for a client that does not read.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How an execution stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,14 +210,17 @@ where
                     }
                     Some(ClientFrame::Other) => {}
                     Some(ClientFrame::Close) => {
-                        let _ = sink.send(ServerFrame::Close(CLOSE_NORMAL)).await;
+                        // Cancel first: answering the close may wait for a slow client.
+                        drop(events);
+                        close(&mut sink, CLOSE_NORMAL).await;
                         return StreamEnd::ClientGone;
                     }
                     None => return StreamEnd::ClientGone,
                 }
             }
             () = shutdown.cancelled() => {
-                let _ = sink.send(ServerFrame::Close(CLOSE_GOING_AWAY)).await;
+                drop(events);
+                close(&mut sink, CLOSE_GOING_AWAY).await;
                 return StreamEnd::Shutdown;
             }
         }
@@ -234,9 +242,26 @@ where
     if sink.send(ServerFrame::Message(last)).await.is_err() {
         return StreamEnd::ClientGone;
     }
-    let _ = sink.send(ServerFrame::Close(CLOSE_NORMAL)).await;
-    let _ = sink.close().await;
+    close(&mut sink, CLOSE_NORMAL).await;
     StreamEnd::Completed
+}
+
+/// Sends a close frame with `code` and flushes the sink, within [`CLOSE_TIMEOUT`].
+///
+/// When the client closed first, the WebSocket layer refuses a second close frame of ours but
+/// has queued its answer to the client's close (RFC 6455 §5.5.1); closing the sink writes it.
+async fn close<Si>(sink: &mut Si, code: u16)
+where
+    Si: Sink<ServerFrame> + Unpin,
+{
+    let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = sink.send(ServerFrame::Close(code)).await;
+        let _ = sink.close().await;
+    })
+    .await;
+    if closed.is_err() {
+        tracing::debug!(code, "the client did not take the close frame in time");
+    }
 }
 
 async fn reserve(

@@ -857,6 +857,48 @@ async fn client_close_cancels_the_execution() {
     assert_eq!(t.stdout(), "after\r\n");
 }
 
+/// Polls `condition` every 20 ms for up to five seconds.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..250 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+#[tokio::test]
+async fn client_close_frame_is_answered_with_a_close_frame_and_cancels_the_execution() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let url = s.execute(&runner, json!({"command": "yes"})).await;
+    let mut ws = connect(&url, Some(TOKEN)).await.expect("connect");
+    eventually("the execution runs", || s.fake.running_executions() == 1).await;
+    futures::SinkExt::send(
+        &mut ws,
+        Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        })),
+    )
+    .await
+    .expect("send close");
+    // RFC 6455 §5.5.1: the server answers with a close frame (the client would see 1006 if the
+    // connection were just dropped).
+    let t = read_all(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(t.close_code, Some(1000), "{:?}", t.control());
+    eventually("the execution is cancelled", || {
+        s.fake.running_executions() == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn two_hundred_concurrent_executions_each_get_their_output() {
     let s = start().await;

@@ -64,6 +64,7 @@ pub struct FakeExecutor {
     state: Arc<Mutex<State>>,
     failing_creates: Arc<AtomicU32>,
     failing_environment_deletes: Arc<AtomicU32>,
+    running_executions: Arc<AtomicUsize>,
     create_attempts: Arc<AtomicUsize>,
     creating_now: Arc<AtomicUsize>,
     max_concurrent_creates: Arc<AtomicUsize>,
@@ -88,6 +89,7 @@ impl FakeExecutor {
             state: Arc::default(),
             failing_creates: Arc::default(),
             failing_environment_deletes: Arc::default(),
+            running_executions: Arc::default(),
             create_attempts: Arc::default(),
             creating_now: Arc::default(),
             max_concurrent_creates: Arc::default(),
@@ -140,6 +142,11 @@ impl FakeExecutor {
     /// How many creations were attempted, failed ones included.
     pub fn create_attempts(&self) -> usize {
         self.create_attempts.load(Ordering::SeqCst)
+    }
+
+    /// How many executions are running now: started and neither ended nor cancelled.
+    pub fn running_executions(&self) -> usize {
+        self.running_executions.load(Ordering::SeqCst)
     }
 
     /// The most creations that ran at the same time.
@@ -350,7 +357,9 @@ impl ExecutorApi for FakeExecutor {
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_BUFFER);
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let request = request.clone();
+        let running = RunningGuard::new(Arc::clone(&self.running_executions));
         tokio::spawn(async move {
+            let _running = running;
             tokio::select! {
                 () = cancel.cancelled() => {}
                 () = run_fake_command(request, stdin_rx, events_tx) => {}
@@ -456,6 +465,23 @@ impl ExecutorApi for FakeExecutor {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(tx);
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    }
+}
+
+/// Counts an execution as running until dropped.
+#[derive(Debug)]
+struct RunningGuard(Arc<AtomicUsize>);
+
+impl RunningGuard {
+    fn new(counter: Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
