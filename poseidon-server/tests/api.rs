@@ -691,6 +691,69 @@ async fn execute_answers_a_websocket_url_from_the_host_header() {
 }
 
 #[tokio::test]
+async fn execute_rejects_commands_and_environments_exec_cannot_take() {
+    let s = start_with(common::Options {
+        body_limit: 16 << 20,
+        ..common::Options::default()
+    })
+    .await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let post = |body: Value| {
+        s.client
+            .post(s.url(&format!("/runners/{runner}/execute")))
+            .json(&body)
+            .send()
+    };
+
+    // Linux's MAX_ARG_STRLEN is 131072 bytes including the NUL.
+    let r = post(json!({"command": "x".repeat(131_071)}))
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let many: serde_json::Map<String, Value> = (0..100_000)
+        .map(|i| (format!("V{i}"), Value::from("x")))
+        .collect();
+    let mut entries_too_large = serde_json::Map::new();
+    for i in 0..10 {
+        entries_too_large.insert(format!("V{i}"), Value::from("v".repeat(131_000)));
+    }
+    for (body, field) in [
+        (json!({"command": "x".repeat(10 << 20)}), "command"),
+        (json!({"command": "x".repeat(131_072)}), "command"),
+        (json!({"command": "x", "environment": many}), "environment"),
+        (
+            json!({"command": "x", "environment": {"A": "v".repeat(131_070)}}),
+            "environment",
+        ),
+        (
+            json!({"command": "x", "environment": entries_too_large}),
+            "environment",
+        ),
+    ] {
+        let r = post(body).await.expect("post");
+        assert_eq!(r.status(), 400, "{field}");
+        let message = r.json::<Value>().await.expect("json")["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.starts_with(field) || message.contains(field),
+            "{message}"
+        );
+        assert!(message.len() < 200, "the message stays short: {message}");
+    }
+    // The largest accepted entry still runs.
+    let t = run(
+        &s,
+        &runner,
+        json!({"command": "env", "environment": {"A": "v".repeat(131_069)}}),
+    )
+    .await;
+    assert_eq!(t.last(), json!({"type": "exit", "data": 0}));
+}
+
+#[tokio::test]
 async fn websocket_streams_start_output_exit_and_close_1000() {
     let s = start().await;
     s.environment(1, 1).await;
