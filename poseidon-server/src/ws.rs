@@ -82,6 +82,8 @@ pub enum StreamEnd {
     ClientGone,
     /// The server shut down before the execution ended.
     Shutdown,
+    /// The backend could not start the execution: `start`, an `error` and a close 1000 were sent.
+    StartFailed,
 }
 
 /// Decodes a byte stream as UTF-8 across chunk boundaries: an incomplete trailing sequence is
@@ -127,6 +129,48 @@ impl Utf8Decoder {
     pub fn finish(&mut self) -> String {
         let rest = std::mem::take(&mut self.pending);
         String::from_utf8_lossy(&rest).into_owned()
+    }
+}
+
+/// Starts an execution on a connection that is already upgraded, then runs it as
+/// [`run_execution`] does.
+///
+/// The upgrade has been answered by now, so a failed start is reported inside the stream (design
+/// §2): `start`, then `{"type":"error","data":"Error executing the request"}`, then a close 1000.
+pub async fn start_and_run<Si, St, F, E>(
+    mut sink: Si,
+    client: St,
+    start: F,
+    shutdown: CancellationToken,
+) -> StreamEnd
+where
+    Si: Sink<ServerFrame> + Unpin,
+    St: Stream<Item = ClientFrame> + Unpin,
+    F: Future<Output = Result<Execution, E>>,
+    E: std::fmt::Display,
+{
+    let started = tokio::select! {
+        started = start => started,
+        () = shutdown.cancelled() => {
+            close(&mut sink, CLOSE_GOING_AWAY).await;
+            return StreamEnd::Shutdown;
+        }
+    };
+    match started {
+        Ok(execution) => run_execution(sink, client, execution, shutdown).await,
+        Err(error) => {
+            tracing::warn!(%error, "the execution could not be started");
+            for message in [
+                WsMessage::Start,
+                WsMessage::Error(ExecutionFailure::Failed.to_string()),
+            ] {
+                if sink.send(ServerFrame::Message(message)).await.is_err() {
+                    return StreamEnd::ClientGone;
+                }
+            }
+            close(&mut sink, CLOSE_NORMAL).await;
+            StreamEnd::StartFailed
+        }
     }
 }
 
@@ -433,6 +477,29 @@ mod tests {
         h.events.send(ExecutionEvent::Exit(0)).await.expect("send");
         let frames: Vec<ServerFrame> = h.server.by_ref().collect().await;
         assert_eq!(frames.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_is_start_error_and_close() {
+        let (server_tx, server_rx) = fmpsc::channel(4);
+        let (_client_tx, client_rx) = fmpsc::channel::<ClientFrame>(4);
+        let end = start_and_run(
+            server_tx,
+            client_rx,
+            async { Err::<Execution, _>("fork: EAGAIN") },
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(end, StreamEnd::StartFailed);
+        let frames: Vec<ServerFrame> = server_rx.collect().await;
+        assert_eq!(
+            frames,
+            vec![
+                msg(WsMessage::Start),
+                msg(WsMessage::Error("Error executing the request".into())),
+                ServerFrame::Close(CLOSE_NORMAL),
+            ]
+        );
     }
 
     #[tokio::test]

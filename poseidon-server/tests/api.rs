@@ -863,6 +863,33 @@ async fn execution_ids_are_single_use_and_unknown_ones_404() {
 }
 
 #[tokio::test]
+async fn a_start_the_backend_fails_is_an_error_message_in_the_stream_not_a_500() {
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let url = s.execute(&runner, json!({"command": "echo hi"})).await;
+    // As when the runner's process limit is exhausted (fork: EAGAIN).
+    s.fake.fail_next_executes(1);
+    let mut ws = connect(&url, Some(TOKEN))
+        .await
+        .expect("the upgrade succeeds");
+    let t = read_all(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(
+        t.messages,
+        vec![
+            json!({"type": "start"}),
+            json!({"type": "error", "data": "Error executing the request"})
+        ]
+    );
+    assert_eq!(t.close_code, Some(1000));
+    // The id is used up; the runner still works.
+    let err = connect(&url, Some(TOKEN)).await.expect_err("used id");
+    assert!(err.to_string().contains("404"), "{err}");
+    let t = run(&s, &runner, json!({"command": "echo after"})).await;
+    assert_eq!(t.stdout(), "after\r\n");
+}
+
+#[tokio::test]
 async fn time_limit_ends_with_timeout_and_deleting_the_runner_with_stopped_as_expected() {
     let s = start().await;
     s.environment(1, 1).await;

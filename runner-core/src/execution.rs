@@ -11,6 +11,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::ids::ExecutionId;
+
 /// How many events may wait between a producer and a consumer of an execution's output.
 pub const EVENT_BUFFER: usize = 64;
 
@@ -147,6 +149,18 @@ impl ExecutionRequest {
         }
         Ok(())
     }
+}
+
+/// A stored execution request taken by its id: the id is used up, the request not started yet.
+///
+/// Taking and starting are two steps so that a transport can answer an unknown id before it
+/// commits to a stream, and report a failed start inside the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenExecution {
+    /// The id it was stored under.
+    pub id: ExecutionId,
+    /// What to run.
+    pub request: ExecutionRequest,
 }
 
 /// Why an execution ended with an `error` message; `Display` gives the exact text the client sees.

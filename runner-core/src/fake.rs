@@ -64,6 +64,7 @@ pub struct FakeExecutor {
     state: Arc<Mutex<State>>,
     failing_creates: Arc<AtomicU32>,
     failing_environment_deletes: Arc<AtomicU32>,
+    failing_executes: Arc<AtomicU32>,
     running_executions: Arc<AtomicUsize>,
     create_attempts: Arc<AtomicUsize>,
     creating_now: Arc<AtomicUsize>,
@@ -89,6 +90,7 @@ impl FakeExecutor {
             state: Arc::default(),
             failing_creates: Arc::default(),
             failing_environment_deletes: Arc::default(),
+            failing_executes: Arc::default(),
             running_executions: Arc::default(),
             create_attempts: Arc::default(),
             creating_now: Arc::default(),
@@ -112,6 +114,11 @@ impl FakeExecutor {
     /// Makes the next `n` calls of `delete_environment` fail as if the backend were unreachable.
     pub fn fail_next_environment_deletes(&self, n: u32) {
         self.failing_environment_deletes.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` calls of `execute` fail as a process limit would (`fork: EAGAIN`).
+    pub fn fail_next_executes(&self, n: u32) {
+        self.failing_executes.store(n, Ordering::SeqCst);
     }
 
     /// Makes every creation take `delay` (tokio time).
@@ -354,6 +361,15 @@ impl ExecutorApi for FakeExecutor {
         cancel: CancellationToken,
     ) -> Result<ExecutionHandle, BackendError> {
         self.runner_exists(runner)?;
+        if self
+            .failing_executes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(BackendError::Internal(
+                "injected execution failure: fork: Resource temporarily unavailable".into(),
+            ));
+        }
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_BUFFER);
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let request = request.clone();
