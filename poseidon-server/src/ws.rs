@@ -5,7 +5,10 @@
 //! `start`, the output as produced, exactly one final message and a close 1000. Every buffer on
 //! the way is bounded: a client that does not read makes `sink.send` wait, which stops reading
 //! the execution's events, which stops the process. It never waits on stdin while output is
-//! pending, so a process that does not read its input cannot deadlock the stream.
+//! pending, so a process that does not read its input cannot deadlock the stream. Input that
+//! cannot be read (a message over the size limit, a protocol violation) cancels the execution
+//! and ends the stream with an `error`: whatever the client sends, the stream ends with one
+//! final message and a close 1000, unless the client itself closed or went away.
 
 use std::time::Duration;
 
@@ -58,6 +61,9 @@ pub enum ClientFrame {
     Text(String),
     /// The client closes the connection.
     Close,
+    /// The client's input could not be read (e.g. a message above the size limit, or a
+    /// protocol violation); the text says why.
+    Invalid(String),
     /// Anything else (binary, ping, pong): ignored.
     Other,
 }
@@ -84,6 +90,9 @@ pub enum StreamEnd {
     Shutdown,
     /// The backend could not start the execution: `start`, an `error` and a close 1000 were sent.
     StartFailed,
+    /// The client's input could not be read: the execution was cancelled and ended with an
+    /// `error` message and a close 1000.
+    InvalidInput,
 }
 
 /// Decodes a byte stream as UTF-8 across chunk boundaries: an incomplete trailing sequence is
@@ -258,6 +267,15 @@ where
                         drop(events);
                         close(&mut sink, CLOSE_NORMAL).await;
                         return StreamEnd::ClientGone;
+                    }
+                    Some(ClientFrame::Invalid(reason)) => {
+                        drop(events);
+                        let message = WsMessage::Error(format!("invalid input: {reason}"));
+                        if sink.send(ServerFrame::Message(message)).await.is_err() {
+                            return StreamEnd::ClientGone;
+                        }
+                        close(&mut sink, CLOSE_NORMAL).await;
+                        return StreamEnd::InvalidInput;
                     }
                     None => return StreamEnd::ClientGone,
                 }
@@ -532,6 +550,26 @@ mod tests {
         );
         h.shutdown.cancel();
         assert_eq!(h.task.await.ok(), Some(StreamEnd::Shutdown));
+    }
+
+    #[tokio::test]
+    async fn unreadable_input_cancels_and_ends_with_one_error_and_close() {
+        let mut h = harness();
+        assert_eq!(h.server.next().await, Some(msg(WsMessage::Start)));
+        h.client
+            .send(ClientFrame::Invalid("message too long".into()))
+            .await
+            .expect("send");
+        let frames: Vec<ServerFrame> = h.server.by_ref().collect().await;
+        assert_eq!(
+            frames,
+            vec![
+                msg(WsMessage::Error("invalid input: message too long".into())),
+                ServerFrame::Close(CLOSE_NORMAL),
+            ]
+        );
+        assert_eq!(h.task.await.ok(), Some(StreamEnd::InvalidInput));
+        assert!(h.events.send(ExecutionEvent::Exit(0)).await.is_err());
     }
 
     #[tokio::test]

@@ -813,6 +813,68 @@ async fn websocket_text_frames_are_stdin() {
 }
 
 #[tokio::test]
+async fn a_stdin_message_over_the_limit_ends_the_stream_with_an_error_and_close_1000() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let url = s.execute(&runner, json!({"command": "cat"})).await;
+    let ws = connect(&url, Some(TOKEN)).await.expect("connect");
+    let (mut tx, mut rx) = ws.split();
+    // One mebibyte is the largest message the server takes; the server stops reading this one
+    // early, so it is sent on its own task while the answer is read.
+    let big = "x".repeat((1 << 20) + 1);
+    let sender = tokio::spawn(async move {
+        let _ = tx.send(Message::Text(big.into())).await;
+        tx
+    });
+    let mut messages = Vec::new();
+    let mut close_code = None;
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = rx.next().await {
+            match frame {
+                Ok(Message::Text(text)) => {
+                    messages.push(serde_json::from_str::<Value>(text.as_str()).expect("JSON"));
+                }
+                Ok(Message::Close(frame)) => {
+                    close_code = frame.map(|f| u16::from(f.code));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stream ends: {messages:?}");
+    sender.abort();
+    let control: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["type"] != "stdout" && m["type"] != "stderr")
+        .collect();
+    assert_eq!(
+        control.len(),
+        2,
+        "start and one terminal message: {control:?}"
+    );
+    assert_eq!(control[0], &json!({"type": "start"}));
+    assert_eq!(control[1]["type"], "error", "{control:?}");
+    assert!(
+        control[1]["data"]
+            .as_str()
+            .is_some_and(|d| d.contains("1048576")),
+        "{control:?}"
+    );
+    assert_eq!(close_code, Some(1000));
+    eventually("the execution is cancelled", || {
+        s.fake.running_executions() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn execution_ids_are_single_use_and_unknown_ones_404() {
     let s = start().await;
     s.environment(1, 1).await;

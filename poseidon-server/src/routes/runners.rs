@@ -312,6 +312,7 @@ pub async fn websocket(
                     StreamEnd::ClientGone => "client_gone",
                     StreamEnd::Shutdown => "shutdown",
                     StreamEnd::StartFailed => "start_failed",
+                    StreamEnd::InvalidInput => "invalid_input",
                 });
                 tracing::info!(runner_id = %id, %execution_id, ?end, "execution stream ended");
             })
@@ -337,7 +338,11 @@ async fn stream(
     });
     let source = source.map(|frame| match frame {
         Ok(Message::Text(text)) => ClientFrame::Text(text.to_string()),
-        Ok(Message::Close(_)) | Err(_) => ClientFrame::Close,
+        Ok(Message::Close(_)) => ClientFrame::Close,
+        // A message over MAX_CLIENT_MESSAGE (which the WebSocket layer must hold whole, so
+        // accepting larger ones would unbound memory), invalid UTF-8, a protocol violation, or
+        // a broken connection; for the last the stream's answer simply fails to send.
+        Err(e) => ClientFrame::Invalid(e.to_string()),
         Ok(_) => ClientFrame::Other,
     });
     let execution_id = taken.id;
