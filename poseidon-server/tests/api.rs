@@ -163,7 +163,10 @@ async fn environment_lifecycle_has_poseidons_statuses_and_bodies() {
         .await
         .expect("get");
     assert_eq!(r.status(), 404);
-    assert!(r.bytes().await.expect("body").is_empty());
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"message": "execution environment not found"})
+    );
     let r = s
         .client
         .get(s.url("/execution-environments/99999999999999999999"))
@@ -186,7 +189,10 @@ async fn environment_lifecycle_has_poseidons_statuses_and_bodies() {
         .await
         .expect("delete");
     assert_eq!(r.status(), 404);
-    assert!(r.bytes().await.expect("body").is_empty());
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"message": "execution environment not found"})
+    );
 }
 
 async fn put_raw(s: &common::TestServer, body: &'static str) -> (u16, Value) {
