@@ -1237,6 +1237,62 @@ async fn slow_clients_are_cut_off_after_the_read_timeouts() {
     assert!(answer.contains("in time"), "{answer}");
 }
 
+/// Sends `GET /api/v1/health` on a fresh connection; the status line, or `None` when the server
+/// closed the connection without an answer.
+async fn raw_health(host: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    // The server may already have closed the connection; the answer (or its absence) tells.
+    let _ = stream
+        .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().next().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once_and_served_again_below_it() {
+    use tokio::io::AsyncWriteExt;
+    let s = start_with(common::Options {
+        max_connections: 3,
+        ..common::Options::default()
+    })
+    .await;
+    // Slow clients holding every connection with a request head they never finish.
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(&s.host)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        holders.push(stream);
+    }
+    // The server has taken all of them (each partial head is being read).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(raw_health(&s.host).await, None, "over the cap: closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed at once, not held until a timeout"
+    );
+    // One slow client leaves: a new connection is served again.
+    drop(holders.pop());
+    let mut answer = None;
+    for _ in 0..100 {
+        answer = raw_health(&s.host).await;
+        if answer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answer.as_deref(), Some("HTTP/1.1 204 No Content"));
+}
+
 #[tokio::test]
 async fn undecodable_path_parameters_are_400_with_a_message() {
     let s = start().await;
