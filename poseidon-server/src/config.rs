@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub bodylimit: u64,
     /// Seconds open execution streams may run on after SIGTERM (ours).
     pub shutdowngrace: u64,
+    /// Most connections open at a time; one over it is closed at once (ours).
+    pub maxconnections: u64,
     /// `local` (sandboxes on this machine) or `fake` (in-memory, runs nothing; for API tests) (ours).
     pub backend: String,
     /// Poseidon's keys that this server does not use, accepted for compatibility.
@@ -95,6 +97,7 @@ impl Default for ServerConfig {
             alert: AlertConfig::default(),
             bodylimit: 64 * 1024 * 1024,
             shutdowngrace: 15,
+            maxconnections: crate::serve::DEFAULT_MAX_CONNECTIONS as u64,
             backend: "local".into(),
             ignored: BTreeMap::new(),
         }
@@ -344,6 +347,15 @@ impl Config {
                 "must be a positive number of bytes",
             ));
         }
+        if self.server.maxconnections == 0
+            || usize::try_from(self.server.maxconnections)
+                .map_or(true, |n| n > tokio::sync::Semaphore::MAX_PERMITS)
+        {
+            return Err(invalid(
+                "server.maxconnections",
+                "must be a positive number of connections",
+            ));
+        }
         if !matches!(self.server.backend.as_str(), "local" | "fake") {
             return Err(invalid("server.backend", "must be `local` or `fake`"));
         }
@@ -438,6 +450,11 @@ impl Config {
             .map_or_else(|| env!("CARGO_PKG_VERSION").to_string(), str::to_string)
     }
 
+    /// `server.maxconnections` as a count (validated to fit).
+    pub fn max_connections(&self) -> usize {
+        usize::try_from(self.server.maxconnections).unwrap_or(crate::serve::DEFAULT_MAX_CONNECTIONS)
+    }
+
     /// The HTTP layer's settings.
     pub fn api_settings(&self, bound: SocketAddr) -> ApiSettings {
         ApiSettings {
@@ -470,6 +487,7 @@ mod tests {
         assert!(!c.nomad.enabled);
         assert!(c.server.token.is_empty());
         assert_eq!(c.server.bodylimit, 64 * 1024 * 1024);
+        assert_eq!(c.max_connections(), 4096);
     }
 
     #[test]
@@ -513,6 +531,7 @@ mod tests {
         assert!(msg(&[("POSEIDON_LOGGER_LEVEL", "loud")]).contains("logger.level"));
         assert!(msg(&[("POSEIDON_SERVER_TLS_ACTIVE", "true")]).contains("server.tls.certfile"));
         assert!(msg(&[("POSEIDON_SERVER_BODYLIMIT", "-1")]).contains("server.bodylimit"));
+        assert!(msg(&[("POSEIDON_SERVER_MAXCONNECTIONS", "0")]).contains("server.maxconnections"));
     }
 
     #[test]

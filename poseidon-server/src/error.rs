@@ -53,7 +53,7 @@ pub enum ApiError {
     /// 400 `{"message"}`.
     #[error("{0}")]
     BadRequest(String),
-    /// 404 with an empty body (unknown path, unknown environment on GET/DELETE).
+    /// 404 with an empty body: an unknown route, or a path id that is not a number.
     #[error("not found")]
     NotFoundEmpty,
     /// 404 `{"message"}`.

@@ -126,7 +126,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         serve::shutdown_signal().await;
         systemd::notify("STOPPING=1");
     };
-    let served = serve::serve(listener, app(state), tls, streams, grace, shutdown).await;
+    let served = serve::serve(
+        listener,
+        app(state),
+        tls,
+        streams,
+        grace,
+        config.max_connections(),
+        shutdown,
+    )
+    .await;
     watchdog.abort();
     served?;
     manager.shutdown().await;

@@ -95,7 +95,8 @@ impl Metrics {
         }
     }
 
-    /// Counts an ended execution stream (`completed`, `client_gone`, `shutdown`).
+    /// Counts an ended execution stream (`completed`, `client_gone`, `shutdown`,
+    /// `start_failed`, `invalid_input`).
     pub fn stream_ended(&self, end: &'static str) {
         self.streams.get_or_create(&StreamLabels { end }).inc();
     }

@@ -3,20 +3,31 @@
 //! so long streams are never cut), TCP_NODELAY,
 //! and graceful shutdown: stop accepting, let open execution streams end within a grace period,
 //! then end the remaining ones with a close 1001.
+//!
+//! At most `max_connections` connections are open at a time ([`LimitedAcceptor`]): one over the
+//! cap is closed as soon as it is accepted, so clients that open connections and never finish
+//! a request cannot grow the server's memory without bound; the connections already open are
+//! served as before.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum_server::Handle;
-use axum_server::accept::{TcpConfigAcceptor, TcpSocketConfig};
+use axum_server::accept::{Accept, TcpConfigAcceptor, TcpSocketConfig};
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
+use futures::future::BoxFuture;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::state::Streams;
 
@@ -82,18 +93,131 @@ pub fn tls_config(files: &TlsFiles) -> Result<RustlsConfig, ServeError> {
     Ok(RustlsConfig::from_config(Arc::new(config)))
 }
 
-fn tcp_acceptor() -> TcpConfigAcceptor {
-    TcpConfigAcceptor::new(TcpSocketConfig::new().nodelay(true))
+/// The default of `server.maxconnections`: connections open at the same time.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Wraps an acceptor so that at most a fixed number of connections are open at a time.
+///
+/// Each accepted connection holds a permit for as long as its stream lives (an upgraded
+/// WebSocket included); a connection accepted while none is free is closed at once, without
+/// waiting, so the accept loop and the connections already served stay responsive.
+#[derive(Debug, Clone)]
+pub struct LimitedAcceptor<A> {
+    inner: A,
+    permits: Arc<Semaphore>,
+}
+
+impl<A> LimitedAcceptor<A> {
+    /// At most `max_connections` connections through `inner` at a time (at least one).
+    pub fn new(inner: A, max_connections: usize) -> Self {
+        let permits = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            inner,
+            permits: Arc::new(Semaphore::new(permits)),
+        }
+    }
+}
+
+impl<A, S> Accept<TcpStream, S> for LimitedAcceptor<A>
+where
+    A: Accept<TcpStream, S>,
+    A::Future: Send + 'static,
+    A::Stream: Send + 'static,
+    A::Service: Send + 'static,
+{
+    type Stream = Limited<A::Stream>;
+    type Service = A::Service;
+    type Future = BoxFuture<'static, io::Result<(Self::Stream, Self::Service)>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            tracing::debug!(
+                peer = ?stream.peer_addr().ok(),
+                "connection limit reached: closing a new connection"
+            );
+            // Dropping the stream closes the connection.
+            return Box::pin(std::future::ready(Err(io::Error::other(
+                "connection limit reached",
+            ))));
+        };
+        let accepted = self.inner.accept(stream, service);
+        Box::pin(async move {
+            let (stream, service) = accepted.await?;
+            Ok((
+                Limited {
+                    stream,
+                    _permit: permit,
+                },
+                service,
+            ))
+        })
+    }
+}
+
+/// A connection's stream holding its [`LimitedAcceptor`] permit until it is dropped.
+#[derive(Debug)]
+pub struct Limited<T> {
+    stream: T,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Limited<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Limited<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+fn tcp_acceptor(max_connections: usize) -> LimitedAcceptor<TcpConfigAcceptor> {
+    LimitedAcceptor::new(
+        TcpConfigAcceptor::new(TcpSocketConfig::new().nodelay(true)),
+        max_connections,
+    )
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then shuts down gracefully: no new
-/// connections, `grace` for open requests and execution streams, then the rest are ended.
+/// connections, `grace` for open requests and execution streams, then the rest are ended. At
+/// most `max_connections` connections are open at a time.
 pub async fn serve(
     listener: std::net::TcpListener,
     app: Router,
     tls: Option<RustlsConfig>,
     streams: Streams,
     grace: Duration,
+    max_connections: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     listener.set_nonblocking(true)?;
@@ -103,7 +227,7 @@ pub async fn serve(
     let server = match tls {
         None => {
             let mut server = axum_server::from_tcp(listener)?
-                .acceptor(tcp_acceptor())
+                .acceptor(tcp_acceptor(max_connections))
                 .handle(handle.clone())
                 .first_request_timeout(HEADER_READ_TIMEOUT);
             server
@@ -114,7 +238,7 @@ pub async fn serve(
         }
         Some(config) => {
             let mut server = axum_server::from_tcp(listener)?
-                .acceptor(RustlsAcceptor::new(config).acceptor(tcp_acceptor()))
+                .acceptor(RustlsAcceptor::new(config).acceptor(tcp_acceptor(max_connections)))
                 .handle(handle.clone())
                 .first_request_timeout(HEADER_READ_TIMEOUT);
             server

@@ -5,7 +5,12 @@
 //! `start`, the output as produced, exactly one final message and a close 1000. Every buffer on
 //! the way is bounded: a client that does not read makes `sink.send` wait, which stops reading
 //! the execution's events, which stops the process. It never waits on stdin while output is
-//! pending, so a process that does not read its input cannot deadlock the stream.
+//! pending, so a process that does not read its input cannot deadlock the stream. Input that
+//! cannot be read (a message over the size limit, a protocol violation) cancels the execution
+//! and ends the stream with an `error`: whatever the client sends, the stream ends with one
+//! final message and a close 1000, unless the client itself closed or went away.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -56,6 +61,9 @@ pub enum ClientFrame {
     Text(String),
     /// The client closes the connection.
     Close,
+    /// The client's input could not be read (e.g. a message above the size limit, or a
+    /// protocol violation); the text says why.
+    Invalid(String),
     /// Anything else (binary, ping, pong): ignored.
     Other,
 }
@@ -68,6 +76,9 @@ pub const CLOSE_NORMAL: u16 = 1000;
 /// The server is going away (shutdown grace period over).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// How long sending the close frame may wait for a client that does not read.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How an execution stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
@@ -77,6 +88,11 @@ pub enum StreamEnd {
     ClientGone,
     /// The server shut down before the execution ended.
     Shutdown,
+    /// The backend could not start the execution: `start`, an `error` and a close 1000 were sent.
+    StartFailed,
+    /// The client's input could not be read: the execution was cancelled and ended with an
+    /// `error` message and a close 1000.
+    InvalidInput,
 }
 
 /// Decodes a byte stream as UTF-8 across chunk boundaries: an incomplete trailing sequence is
@@ -122,6 +138,48 @@ impl Utf8Decoder {
     pub fn finish(&mut self) -> String {
         let rest = std::mem::take(&mut self.pending);
         String::from_utf8_lossy(&rest).into_owned()
+    }
+}
+
+/// Starts an execution on a connection that is already upgraded, then runs it as
+/// [`run_execution`] does.
+///
+/// The upgrade has been answered by now, so a failed start is reported inside the stream (design
+/// §2): `start`, then `{"type":"error","data":"Error executing the request"}`, then a close 1000.
+pub async fn start_and_run<Si, St, F, E>(
+    mut sink: Si,
+    client: St,
+    start: F,
+    shutdown: CancellationToken,
+) -> StreamEnd
+where
+    Si: Sink<ServerFrame> + Unpin,
+    St: Stream<Item = ClientFrame> + Unpin,
+    F: Future<Output = Result<Execution, E>>,
+    E: std::fmt::Display,
+{
+    let started = tokio::select! {
+        started = start => started,
+        () = shutdown.cancelled() => {
+            close(&mut sink, CLOSE_GOING_AWAY).await;
+            return StreamEnd::Shutdown;
+        }
+    };
+    match started {
+        Ok(execution) => run_execution(sink, client, execution, shutdown).await,
+        Err(error) => {
+            tracing::warn!(%error, "the execution could not be started");
+            for message in [
+                WsMessage::Start,
+                WsMessage::Error(ExecutionFailure::Failed.to_string()),
+            ] {
+                if sink.send(ServerFrame::Message(message)).await.is_err() {
+                    return StreamEnd::ClientGone;
+                }
+            }
+            close(&mut sink, CLOSE_NORMAL).await;
+            StreamEnd::StartFailed
+        }
     }
 }
 
@@ -205,14 +263,26 @@ where
                     }
                     Some(ClientFrame::Other) => {}
                     Some(ClientFrame::Close) => {
-                        let _ = sink.send(ServerFrame::Close(CLOSE_NORMAL)).await;
+                        // Cancel first: answering the close may wait for a slow client.
+                        drop(events);
+                        close(&mut sink, CLOSE_NORMAL).await;
                         return StreamEnd::ClientGone;
+                    }
+                    Some(ClientFrame::Invalid(reason)) => {
+                        drop(events);
+                        let message = WsMessage::Error(format!("invalid input: {reason}"));
+                        if sink.send(ServerFrame::Message(message)).await.is_err() {
+                            return StreamEnd::ClientGone;
+                        }
+                        close(&mut sink, CLOSE_NORMAL).await;
+                        return StreamEnd::InvalidInput;
                     }
                     None => return StreamEnd::ClientGone,
                 }
             }
             () = shutdown.cancelled() => {
-                let _ = sink.send(ServerFrame::Close(CLOSE_GOING_AWAY)).await;
+                drop(events);
+                close(&mut sink, CLOSE_GOING_AWAY).await;
                 return StreamEnd::Shutdown;
             }
         }
@@ -234,9 +304,26 @@ where
     if sink.send(ServerFrame::Message(last)).await.is_err() {
         return StreamEnd::ClientGone;
     }
-    let _ = sink.send(ServerFrame::Close(CLOSE_NORMAL)).await;
-    let _ = sink.close().await;
+    close(&mut sink, CLOSE_NORMAL).await;
     StreamEnd::Completed
+}
+
+/// Sends a close frame with `code` and flushes the sink, within [`CLOSE_TIMEOUT`].
+///
+/// When the client closed first, the WebSocket layer refuses a second close frame of ours but
+/// has queued its answer to the client's close (RFC 6455 §5.5.1); closing the sink writes it.
+async fn close<Si>(sink: &mut Si, code: u16)
+where
+    Si: Sink<ServerFrame> + Unpin,
+{
+    let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = sink.send(ServerFrame::Close(code)).await;
+        let _ = sink.close().await;
+    })
+    .await;
+    if closed.is_err() {
+        tracing::debug!(code, "the client did not take the close frame in time");
+    }
 }
 
 async fn reserve(
@@ -411,6 +498,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_start_is_start_error_and_close() {
+        let (server_tx, server_rx) = fmpsc::channel(4);
+        let (_client_tx, client_rx) = fmpsc::channel::<ClientFrame>(4);
+        let end = start_and_run(
+            server_tx,
+            client_rx,
+            async { Err::<Execution, _>("fork: EAGAIN") },
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(end, StreamEnd::StartFailed);
+        let frames: Vec<ServerFrame> = server_rx.collect().await;
+        assert_eq!(
+            frames,
+            vec![
+                msg(WsMessage::Start),
+                msg(WsMessage::Error("Error executing the request".into())),
+                ServerFrame::Close(CLOSE_NORMAL),
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn client_close_cancels_the_execution() {
         let mut h = harness();
         assert_eq!(h.server.next().await, Some(msg(WsMessage::Start)));
@@ -440,6 +550,26 @@ mod tests {
         );
         h.shutdown.cancel();
         assert_eq!(h.task.await.ok(), Some(StreamEnd::Shutdown));
+    }
+
+    #[tokio::test]
+    async fn unreadable_input_cancels_and_ends_with_one_error_and_close() {
+        let mut h = harness();
+        assert_eq!(h.server.next().await, Some(msg(WsMessage::Start)));
+        h.client
+            .send(ClientFrame::Invalid("message too long".into()))
+            .await
+            .expect("send");
+        let frames: Vec<ServerFrame> = h.server.by_ref().collect().await;
+        assert_eq!(
+            frames,
+            vec![
+                msg(WsMessage::Error("invalid input: message too long".into())),
+                ServerFrame::Close(CLOSE_NORMAL),
+            ]
+        );
+        assert_eq!(h.task.await.ok(), Some(StreamEnd::InvalidInput));
+        assert!(h.events.send(ExecutionEvent::Exit(0)).await.is_err());
     }
 
     #[tokio::test]

@@ -163,7 +163,10 @@ async fn environment_lifecycle_has_poseidons_statuses_and_bodies() {
         .await
         .expect("get");
     assert_eq!(r.status(), 404);
-    assert!(r.bytes().await.expect("body").is_empty());
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"message": "execution environment not found"})
+    );
     let r = s
         .client
         .get(s.url("/execution-environments/99999999999999999999"))
@@ -186,7 +189,10 @@ async fn environment_lifecycle_has_poseidons_statuses_and_bodies() {
         .await
         .expect("delete");
     assert_eq!(r.status(), 404);
-    assert!(r.bytes().await.expect("body").is_empty());
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"message": "execution environment not found"})
+    );
 }
 
 async fn put_raw(s: &common::TestServer, body: &'static str) -> (u16, Value) {
@@ -691,6 +697,69 @@ async fn execute_answers_a_websocket_url_from_the_host_header() {
 }
 
 #[tokio::test]
+async fn execute_rejects_commands_and_environments_exec_cannot_take() {
+    let s = start_with(common::Options {
+        body_limit: 16 << 20,
+        ..common::Options::default()
+    })
+    .await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let post = |body: Value| {
+        s.client
+            .post(s.url(&format!("/runners/{runner}/execute")))
+            .json(&body)
+            .send()
+    };
+
+    // Linux's MAX_ARG_STRLEN is 131072 bytes including the NUL.
+    let r = post(json!({"command": "x".repeat(131_071)}))
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let many: serde_json::Map<String, Value> = (0..100_000)
+        .map(|i| (format!("V{i}"), Value::from("x")))
+        .collect();
+    let mut entries_too_large = serde_json::Map::new();
+    for i in 0..10 {
+        entries_too_large.insert(format!("V{i}"), Value::from("v".repeat(131_000)));
+    }
+    for (body, field) in [
+        (json!({"command": "x".repeat(10 << 20)}), "command"),
+        (json!({"command": "x".repeat(131_072)}), "command"),
+        (json!({"command": "x", "environment": many}), "environment"),
+        (
+            json!({"command": "x", "environment": {"A": "v".repeat(131_070)}}),
+            "environment",
+        ),
+        (
+            json!({"command": "x", "environment": entries_too_large}),
+            "environment",
+        ),
+    ] {
+        let r = post(body).await.expect("post");
+        assert_eq!(r.status(), 400, "{field}");
+        let message = r.json::<Value>().await.expect("json")["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.starts_with(field) || message.contains(field),
+            "{message}"
+        );
+        assert!(message.len() < 200, "the message stays short: {message}");
+    }
+    // The largest accepted entry still runs.
+    let t = run(
+        &s,
+        &runner,
+        json!({"command": "env", "environment": {"A": "v".repeat(131_069)}}),
+    )
+    .await;
+    assert_eq!(t.last(), json!({"type": "exit", "data": 0}));
+}
+
+#[tokio::test]
 async fn websocket_streams_start_output_exit_and_close_1000() {
     let s = start().await;
     s.environment(1, 1).await;
@@ -750,6 +819,68 @@ async fn websocket_text_frames_are_stdin() {
 }
 
 #[tokio::test]
+async fn a_stdin_message_over_the_limit_ends_the_stream_with_an_error_and_close_1000() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let url = s.execute(&runner, json!({"command": "cat"})).await;
+    let ws = connect(&url, Some(TOKEN)).await.expect("connect");
+    let (mut tx, mut rx) = ws.split();
+    // One mebibyte is the largest message the server takes; the server stops reading this one
+    // early, so it is sent on its own task while the answer is read.
+    let big = "x".repeat((1 << 20) + 1);
+    let sender = tokio::spawn(async move {
+        let _ = tx.send(Message::Text(big.into())).await;
+        tx
+    });
+    let mut messages = Vec::new();
+    let mut close_code = None;
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(frame) = rx.next().await {
+            match frame {
+                Ok(Message::Text(text)) => {
+                    messages.push(serde_json::from_str::<Value>(text.as_str()).expect("JSON"));
+                }
+                Ok(Message::Close(frame)) => {
+                    close_code = frame.map(|f| u16::from(f.code));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stream ends: {messages:?}");
+    sender.abort();
+    let control: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["type"] != "stdout" && m["type"] != "stderr")
+        .collect();
+    assert_eq!(
+        control.len(),
+        2,
+        "start and one terminal message: {control:?}"
+    );
+    assert_eq!(control[0], &json!({"type": "start"}));
+    assert_eq!(control[1]["type"], "error", "{control:?}");
+    assert!(
+        control[1]["data"]
+            .as_str()
+            .is_some_and(|d| d.contains("1048576")),
+        "{control:?}"
+    );
+    assert_eq!(close_code, Some(1000));
+    eventually("the execution is cancelled", || {
+        s.fake.running_executions() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn execution_ids_are_single_use_and_unknown_ones_404() {
     let s = start().await;
     s.environment(1, 1).await;
@@ -797,6 +928,33 @@ async fn execution_ids_are_single_use_and_unknown_ones_404() {
         read_all(&mut ws, Duration::from_secs(5)).await.stdout(),
         "kept\r\n"
     );
+}
+
+#[tokio::test]
+async fn a_start_the_backend_fails_is_an_error_message_in_the_stream_not_a_500() {
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let url = s.execute(&runner, json!({"command": "echo hi"})).await;
+    // As when the runner's process limit is exhausted (fork: EAGAIN).
+    s.fake.fail_next_executes(1);
+    let mut ws = connect(&url, Some(TOKEN))
+        .await
+        .expect("the upgrade succeeds");
+    let t = read_all(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(
+        t.messages,
+        vec![
+            json!({"type": "start"}),
+            json!({"type": "error", "data": "Error executing the request"})
+        ]
+    );
+    assert_eq!(t.close_code, Some(1000));
+    // The id is used up; the runner still works.
+    let err = connect(&url, Some(TOKEN)).await.expect_err("used id");
+    assert!(err.to_string().contains("404"), "{err}");
+    let t = run(&s, &runner, json!({"command": "echo after"})).await;
+    assert_eq!(t.stdout(), "after\r\n");
 }
 
 #[tokio::test]
@@ -855,6 +1013,48 @@ async fn client_close_cancels_the_execution() {
     // The runner stays usable.
     let t = run(&s, &runner, json!({"command": "echo after"})).await;
     assert_eq!(t.stdout(), "after\r\n");
+}
+
+/// Polls `condition` every 20 ms for up to five seconds.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..250 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+#[tokio::test]
+async fn client_close_frame_is_answered_with_a_close_frame_and_cancels_the_execution() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    let url = s.execute(&runner, json!({"command": "yes"})).await;
+    let mut ws = connect(&url, Some(TOKEN)).await.expect("connect");
+    eventually("the execution runs", || s.fake.running_executions() == 1).await;
+    futures::SinkExt::send(
+        &mut ws,
+        Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        })),
+    )
+    .await
+    .expect("send close");
+    // RFC 6455 §5.5.1: the server answers with a close frame (the client would see 1006 if the
+    // connection were just dropped).
+    let t = read_all(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(t.close_code, Some(1000), "{:?}", t.control());
+    eventually("the execution is cancelled", || {
+        s.fake.running_executions() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -1035,6 +1235,62 @@ async fn slow_clients_are_cut_off_after_the_read_timeouts() {
     assert!(closed, "an unfinished request head is not kept open");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("in time"), "{answer}");
+}
+
+/// Sends `GET /api/v1/health` on a fresh connection; the status line, or `None` when the server
+/// closed the connection without an answer.
+async fn raw_health(host: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    // The server may already have closed the connection; the answer (or its absence) tells.
+    let _ = stream
+        .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().next().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once_and_served_again_below_it() {
+    use tokio::io::AsyncWriteExt;
+    let s = start_with(common::Options {
+        max_connections: 3,
+        ..common::Options::default()
+    })
+    .await;
+    // Slow clients holding every connection with a request head they never finish.
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(&s.host)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        holders.push(stream);
+    }
+    // The server has taken all of them (each partial head is being read).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(raw_health(&s.host).await, None, "over the cap: closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed at once, not held until a timeout"
+    );
+    // One slow client leaves: a new connection is served again.
+    drop(holders.pop());
+    let mut answer = None;
+    for _ in 0..100 {
+        answer = raw_health(&s.host).await;
+        if answer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(answer.as_deref(), Some("HTTP/1.1 204 No Content"));
 }
 
 #[tokio::test]

@@ -64,6 +64,8 @@ pub struct FakeExecutor {
     state: Arc<Mutex<State>>,
     failing_creates: Arc<AtomicU32>,
     failing_environment_deletes: Arc<AtomicU32>,
+    failing_executes: Arc<AtomicU32>,
+    running_executions: Arc<AtomicUsize>,
     create_attempts: Arc<AtomicUsize>,
     creating_now: Arc<AtomicUsize>,
     max_concurrent_creates: Arc<AtomicUsize>,
@@ -88,6 +90,8 @@ impl FakeExecutor {
             state: Arc::default(),
             failing_creates: Arc::default(),
             failing_environment_deletes: Arc::default(),
+            failing_executes: Arc::default(),
+            running_executions: Arc::default(),
             create_attempts: Arc::default(),
             creating_now: Arc::default(),
             max_concurrent_creates: Arc::default(),
@@ -110,6 +114,11 @@ impl FakeExecutor {
     /// Makes the next `n` calls of `delete_environment` fail as if the backend were unreachable.
     pub fn fail_next_environment_deletes(&self, n: u32) {
         self.failing_environment_deletes.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` calls of `execute` fail as a process limit would (`fork: EAGAIN`).
+    pub fn fail_next_executes(&self, n: u32) {
+        self.failing_executes.store(n, Ordering::SeqCst);
     }
 
     /// Makes every creation take `delay` (tokio time).
@@ -140,6 +149,11 @@ impl FakeExecutor {
     /// How many creations were attempted, failed ones included.
     pub fn create_attempts(&self) -> usize {
         self.create_attempts.load(Ordering::SeqCst)
+    }
+
+    /// How many executions are running now: started and neither ended nor cancelled.
+    pub fn running_executions(&self) -> usize {
+        self.running_executions.load(Ordering::SeqCst)
     }
 
     /// The most creations that ran at the same time.
@@ -347,10 +361,21 @@ impl ExecutorApi for FakeExecutor {
         cancel: CancellationToken,
     ) -> Result<ExecutionHandle, BackendError> {
         self.runner_exists(runner)?;
+        if self
+            .failing_executes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(BackendError::Internal(
+                "injected execution failure: fork: Resource temporarily unavailable".into(),
+            ));
+        }
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_BUFFER);
         let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
         let request = request.clone();
+        let running = RunningGuard::new(Arc::clone(&self.running_executions));
         tokio::spawn(async move {
+            let _running = running;
             tokio::select! {
                 () = cancel.cancelled() => {}
                 () = run_fake_command(request, stdin_rx, events_tx) => {}
@@ -456,6 +481,23 @@ impl ExecutorApi for FakeExecutor {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(tx);
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    }
+}
+
+/// Counts an execution as running until dropped.
+#[derive(Debug)]
+struct RunningGuard(Arc<AtomicUsize>);
+
+impl RunningGuard {
+    fn new(counter: Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

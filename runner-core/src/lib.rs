@@ -26,7 +26,7 @@ pub use destroy::DestroyReason;
 pub use environment::{EnvironmentSpec, EnvironmentStatistics, SpecBounds, ValidationError};
 pub use error::ManagerError;
 pub use execution::{
-    Execution, ExecutionEvent, ExecutionFailure, ExecutionRequest, InvalidExecution,
+    Execution, ExecutionEvent, ExecutionFailure, ExecutionRequest, InvalidExecution, TakenExecution,
 };
 #[cfg(any(test, feature = "mock"))]
 pub use executor::MockExecutorApi;

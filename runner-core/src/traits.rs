@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::environment::{EnvironmentSpec, EnvironmentStatistics};
 use crate::error::ManagerError;
-use crate::execution::{Execution, ExecutionRequest};
+use crate::execution::{Execution, ExecutionRequest, TakenExecution};
 use crate::executor::MappedPort;
 use crate::files::{FileContent, FileHeader, FileUpdate, ListFilesRequest};
 use crate::ids::{EnvironmentId, ExecutionId, RunnerId};
@@ -30,8 +30,20 @@ pub trait Runner: Send + Sync + fmt::Debug {
     /// Stores `request` under a fresh single-use id that expires if never started.
     fn store_execution(&self, request: ExecutionRequest) -> Result<ExecutionId, ManagerError>;
 
+    /// Takes the stored request `id` without starting it; the id cannot be used again. Fails
+    /// with [`ManagerError::UnknownExecution`] for an unknown, used or expired id and with
+    /// [`ManagerError::UnknownRunner`] once the runner is destroyed.
+    fn take_execution(&self, id: ExecutionId) -> Result<TakenExecution, ManagerError>;
+
+    /// Starts a request taken with [`Runner::take_execution`]. Fails when the runner is gone or
+    /// the backend cannot start the process.
+    async fn start(&self, taken: TakenExecution) -> Result<Execution, ManagerError>;
+
     /// Takes the stored request `id` and starts it. The id cannot be used again.
-    async fn start_execution(&self, id: ExecutionId) -> Result<Execution, ManagerError>;
+    async fn start_execution(&self, id: ExecutionId) -> Result<Execution, ManagerError> {
+        let taken = self.take_execution(id)?;
+        self.start(taken).await
+    }
 
     /// Deletes and copies files.
     async fn update_files(&self, update: FileUpdate) -> Result<(), ManagerError>;

@@ -42,6 +42,11 @@ fn environment_id(text: &str) -> Result<EnvironmentId, ApiError> {
     })
 }
 
+/// The 404 of an unknown (well-formed) environment id; design §1 gives client errors a message.
+fn environment_not_found() -> ApiError {
+    ApiError::NotFound("execution environment not found".into())
+}
+
 /// All execution environments.
 #[utoipa::path(get, path = "/execution-environments", tag = "execution environment",
     security(("poseidonAuthToken" = [])),
@@ -67,7 +72,7 @@ pub async fn list(
     }))
 }
 
-/// One execution environment; 404 with an empty body when unknown.
+/// One execution environment; 404 with a message when unknown.
 #[utoipa::path(get, path = "/execution-environments/{executionEnvironmentId}", tag = "execution environment",
     security(("poseidonAuthToken" = [])),
     params(
@@ -78,7 +83,7 @@ pub async fn list(
         (status = 200, description = "The execution environment", body = ExecutionEnvironment),
         (status = 400, description = "Invalid id or query", body = crate::error::ClientError),
         (status = 401, description = "Client could not be authenticated"),
-        (status = 404, description = "The entity with the given identifier does not exist"),
+        (status = 404, description = "The entity with the given identifier does not exist", body = crate::error::ClientError),
     ))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
@@ -90,7 +95,7 @@ pub async fn get(
     let environment = state
         .manager
         .environment(id)
-        .ok_or(ApiError::NotFoundEmpty)?;
+        .ok_or_else(environment_not_found)?;
     Ok(Json(environment.spec().into()))
 }
 
@@ -125,7 +130,7 @@ pub async fn put(
     }
 }
 
-/// Deletes an environment and all its runners; 404 with an empty body when unknown.
+/// Deletes an environment and all its runners; 404 with a message when unknown.
 #[utoipa::path(delete, path = "/execution-environments/{executionEnvironmentId}", tag = "execution environment",
     security(("poseidonAuthToken" = [])),
     params(("executionEnvironmentId" = u64, Path, description = "Id of the execution environment")),
@@ -133,7 +138,7 @@ pub async fn put(
         (status = 204, description = "The execution environment was deleted"),
         (status = 400, description = "Invalid id", body = crate::error::ClientError),
         (status = 401, description = "Client could not be authenticated"),
-        (status = 404, description = "The entity with the given identifier does not exist"),
+        (status = 404, description = "The entity with the given identifier does not exist", body = crate::error::ClientError),
     ))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
@@ -142,7 +147,7 @@ pub async fn delete(
     let id = environment_id(&id)?;
     match state.manager.delete_environment(id).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(runner_core::ManagerError::UnknownEnvironment(_)) => Err(ApiError::NotFoundEmpty),
+        Err(runner_core::ManagerError::UnknownEnvironment(_)) => Err(environment_not_found()),
         Err(e) => Err(e.into()),
     }
 }

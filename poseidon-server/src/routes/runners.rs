@@ -20,8 +20,8 @@ use base64::Engine;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use runner_core::{
-    EnvironmentId, Execution, ExecutionId, ExecutionRequest, FileCopy, FileUpdate,
-    ListFilesRequest, Runner, RunnerId,
+    EnvironmentId, ExecutionId, ExecutionRequest, FileCopy, FileUpdate, ListFilesRequest, Runner,
+    RunnerId, TakenExecution,
 };
 use serde_json::Value;
 
@@ -267,6 +267,9 @@ pub async fn execute(
 }
 
 /// Connects to a stored execution and streams it (see the WebSocket schema).
+///
+/// The runner (410) and the execution id (404) are checked before the upgrade; a start the
+/// backend fails is reported in the stream as an `error` message, never as a 5xx.
 #[utoipa::path(get, path = "/runners/{runnerId}/websocket", tag = "runner",
     security(("poseidonAuthToken" = [])),
     params(
@@ -292,8 +295,9 @@ pub async fn websocket(
         .get("executionID")
         .and_then(|v| v.parse().ok())
         .ok_or(ApiError::NotFound("execution id unknown".into()))?;
-    let execution = runner.start_execution(execution_id).await?;
-    tracing::info!(runner_id = %id, %execution_id, "execution started");
+    // Everything that can be answered with a status is checked before the upgrade; from here
+    // on, failures are reported in the stream.
+    let taken = runner.take_execution(execution_id)?;
     let tracker = state.streams.tracker.clone();
     let response = upgrade
         .write_buffer_size(WRITE_BUFFER)
@@ -302,11 +306,13 @@ pub async fn websocket(
         .on_failed_upgrade(|e| tracing::warn!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
-                let end = stream(socket, execution, &state).await;
+                let end = stream(socket, runner, taken, &state).await;
                 state.metrics.stream_ended(match end {
                     StreamEnd::Completed => "completed",
                     StreamEnd::ClientGone => "client_gone",
                     StreamEnd::Shutdown => "shutdown",
+                    StreamEnd::StartFailed => "start_failed",
+                    StreamEnd::InvalidInput => "invalid_input",
                 });
                 tracing::info!(runner_id = %id, %execution_id, ?end, "execution stream ended");
             })
@@ -314,7 +320,12 @@ pub async fn websocket(
     Ok(response)
 }
 
-async fn stream(socket: WebSocket, execution: Execution, state: &AppState) -> StreamEnd {
+async fn stream(
+    socket: WebSocket,
+    runner: Arc<dyn Runner>,
+    taken: TakenExecution,
+    state: &AppState,
+) -> StreamEnd {
     let (sink, source) = socket.split();
     let sink = sink.with(|frame: ServerFrame| {
         futures::future::ready(Ok::<_, axum::Error>(match frame {
@@ -327,13 +338,23 @@ async fn stream(socket: WebSocket, execution: Execution, state: &AppState) -> St
     });
     let source = source.map(|frame| match frame {
         Ok(Message::Text(text)) => ClientFrame::Text(text.to_string()),
-        Ok(Message::Close(_)) | Err(_) => ClientFrame::Close,
+        Ok(Message::Close(_)) => ClientFrame::Close,
+        // A message over MAX_CLIENT_MESSAGE (which the WebSocket layer must hold whole, so
+        // accepting larger ones would unbound memory), invalid UTF-8, a protocol violation, or
+        // a broken connection; for the last the stream's answer simply fails to send.
+        Err(e) => ClientFrame::Invalid(e.to_string()),
         Ok(_) => ClientFrame::Other,
     });
-    ws::run_execution(
+    let execution_id = taken.id;
+    let start = async move {
+        let execution = runner.start(taken).await?;
+        tracing::info!(runner_id = %runner.id(), %execution_id, "execution started");
+        Ok::<_, runner_core::ManagerError>(execution)
+    };
+    ws::start_and_run(
         Box::pin(sink),
         Box::pin(source),
-        execution,
+        start,
         state.streams.cancel.clone(),
     )
     .await

@@ -34,6 +34,7 @@ pub struct Options {
     pub manager: ManagerConfig,
     pub body_limit: usize,
     pub grace: Duration,
+    pub max_connections: usize,
 }
 
 impl Default for Options {
@@ -42,6 +43,7 @@ impl Default for Options {
             manager: ManagerConfig::default(),
             body_limit: 1024 * 1024,
             grace: Duration::from_secs(1),
+            max_connections: serve::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -72,6 +74,7 @@ pub async fn start_with(options: Options) -> TestServer {
         None,
         streams,
         options.grace,
+        options.max_connections,
         async {
             let _ = rx.await;
         },

@@ -18,7 +18,7 @@ use super::execution::{ExecutionLimits, StopFailed, forward_execution};
 use super::{ManagerConfig, RunnerManager};
 use crate::destroy::DestroyReason;
 use crate::error::ManagerError;
-use crate::execution::{EVENT_BUFFER, Execution, ExecutionRequest};
+use crate::execution::{EVENT_BUFFER, Execution, ExecutionRequest, TakenExecution};
 use crate::executor::{ExecutorApi, MappedPort, RunnerInfo};
 use crate::files::{FileContent, FileHeader, FileUpdate, ListFilesRequest};
 use crate::ids::{EnvironmentId, ExecutionId, RunnerId};
@@ -188,7 +188,7 @@ impl Runner for UsedRunner {
         Ok(id)
     }
 
-    async fn start_execution(&self, id: ExecutionId) -> Result<Execution, ManagerError> {
+    fn take_execution(&self, id: ExecutionId) -> Result<TakenExecution, ManagerError> {
         let request = {
             let mut pending = self.lock_pending();
             match pending.remove(&id) {
@@ -196,6 +196,13 @@ impl Runner for UsedRunner {
                 _ => return Err(ManagerError::UnknownExecution),
             }
         };
+        self.touch()?;
+        Ok(TakenExecution { id, request })
+    }
+
+    async fn start(&self, taken: TakenExecution) -> Result<Execution, ManagerError> {
+        let TakenExecution { id, request } = taken;
+        request.validate()?;
         self.touch()?;
         let cancel = CancellationToken::new();
         let handle = self
