@@ -298,3 +298,19 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Whether connecting to `address` is refused within a few seconds. A freed listener can
+/// linger for a moment in a child this test process is forking for `ip`/`nft` (the copy of the
+/// descriptor table lives until the child's exec), so one lucky connect proves nothing.
+pub fn stops_listening(address: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if std::net::TcpStream::connect(address).is_err() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
