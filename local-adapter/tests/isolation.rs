@@ -240,3 +240,18 @@ async fn vsock_sockets_are_refused_even_to_sandbox_root() {
     assert!(o.out().starts_with("refused"), "{} {}", o.out(), o.err());
     f.destroy(&r).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mount_information_names_no_host_path_of_the_data_directory() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let o = run(&f.executor, &r, "cat /proc/self/mountinfo").await;
+    assert!(o.out().contains(" /etc "), "{}", o.out());
+    let data = f.dir.path().to_string_lossy().to_string();
+    assert!(
+        !o.out().contains(&data),
+        "mountinfo reveals the data directory {data}: {}",
+        o.out()
+    );
+    f.destroy(&r).await;
+}

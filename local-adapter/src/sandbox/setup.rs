@@ -265,6 +265,14 @@ fn mount_fs(src: &str, dst: &Path, fstype: &str, flags: MsFlags, data: &str) -> 
     })
 }
 
+/// Options of an overlay whose layers are directories in the writable layer `layer`. They are
+/// named relative to it (the working directory becomes `layer`): the kernel shows the options as
+/// given in the runner's `/proc/self/mountinfo`, and absolute ones would reveal host paths.
+fn overlay_options(layer: &Path, lower: &str, upper: &str, work: &str) -> Result<String> {
+    nix::unistd::chdir(layer).map_err(step("enter the writable layer"))?;
+    Ok(format!("lowerdir={lower},upperdir={upper},workdir={work}"))
+}
+
 /// Init: builds the root filesystem under `spec.staging` and returns the new root's path.
 ///
 /// The staging mount point holds one size-limited tmpfs: the runner's whole writable layer
@@ -312,10 +320,21 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
                     idmapped_bind(dir, &target, userns)?;
                 }
             }
+            let lower = layer.join("etc-lower");
             let upper = layer.join("etc-upper");
             let work = layer.join("etc-work");
+            mkdir_owned(&lower, 0o700, 0)?;
             mkdir_owned(&upper, 0o755, base)?;
             mkdir_owned(&work, 0o700, 0)?;
+            // Brought into the layer so the overlay names it relatively (see `overlay_options`).
+            mount(
+                Some(etc),
+                &lower,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(step("bind the generated /etc"))?;
             let etc_dir = root.join("etc");
             mkdir_owned(&etc_dir, 0o755, base)?;
             mount_fs(
@@ -323,12 +342,7 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
                 &etc_dir,
                 "overlay",
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                &format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    etc.display(),
-                    upper.display(),
-                    work.display()
-                ),
+                &overlay_options(layer, "etc-lower", "etc-upper", "etc-work")?,
             )?;
         }
         RootSpec::Image { dir, passwd, group } => {
@@ -345,12 +359,7 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
                 &root,
                 "overlay",
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                &format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    lower.display(),
-                    upper.display(),
-                    work.display()
-                ),
+                &overlay_options(layer, "lower", "upper", "work")?,
             )?;
             mkdir_owned(&root.join("etc"), 0o755, base)?;
             for (name, text) in [("passwd", passwd), ("group", group)] {
