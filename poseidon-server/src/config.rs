@@ -253,6 +253,44 @@ impl Default for LoggerConfig {
     }
 }
 
+/// `influxdb`: metrics export in line protocol (Poseidon's keys); an empty `url` disables it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InfluxdbConfig {
+    /// The InfluxDB v2 server, e.g. `http://influxdb:8086`; empty disables the export.
+    pub url: String,
+    /// API token (`Authorization: Token …`).
+    pub token: String,
+    /// Organization.
+    pub organization: String,
+    /// Bucket.
+    pub bucket: String,
+    /// The `stage` tag of every point (e.g. `production`).
+    pub stage: String,
+    /// Other keys, accepted for compatibility.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, figment::value::Value>,
+}
+
+impl InfluxdbConfig {
+    /// The writer's configuration, `None` when the export is disabled.
+    pub fn writer_config(&self) -> Option<monitoring::InfluxConfig> {
+        if self.url.is_empty() {
+            return None;
+        }
+        let mut config = monitoring::InfluxConfig::new(
+            self.url.clone(),
+            self.token.clone(),
+            self.organization.clone(),
+            self.bucket.clone(),
+        );
+        config
+            .default_tags
+            .insert("stage".into(), self.stage.clone());
+        Some(config)
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -267,8 +305,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub logger: LoggerConfig,
-    /// InfluxDB (accepted; not exported by this build).
-    pub influxdb: BTreeMap<String, figment::value::Value>,
+    /// InfluxDB metrics export.
+    pub influxdb: InfluxdbConfig,
     /// Sentry (accepted; `sentry.release` feeds `/version`).
     pub sentry: BTreeMap<String, figment::value::Value>,
     /// Environments created at start-up when they do not exist yet.
@@ -390,6 +428,14 @@ impl Config {
         }
         if self.limits.executionidexpiry == 0 {
             return Err(invalid("limits.executionidexpiry", "must be positive"));
+        }
+        if !self.influxdb.url.is_empty() {
+            monitoring::write_url(
+                &self.influxdb.url,
+                &self.influxdb.organization,
+                &self.influxdb.bucket,
+            )
+            .map_err(|e| invalid("influxdb.url", e))?;
         }
         crate::telemetry::level_filter(&self.logger.level)
             .map_err(|e| invalid("logger.level", e))?;
@@ -514,6 +560,30 @@ mod tests {
         assert_eq!(c.local.datadir, PathBuf::from("/tmp/y"));
         assert!((c.server.alert.prewarmingpoolthreshold - 0.5).abs() < f64::EPSILON);
         assert_eq!(c.release(), "abc");
+        assert!(c.influxdb.writer_config().is_none(), "empty url disables");
+    }
+
+    #[test]
+    fn influxdb_section_is_typed_and_keeps_unknown_keys() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            f,
+            "influxdb:\n  url: http://influx:8086\n  token: t\n  organization: o\n  bucket: b\n  stage: prod\n  somethingelse: 1\n"
+        )
+        .expect("write");
+        let c =
+            Config::load(f.path(), vars(&[("POSEIDON_INFLUXDB_STAGE", "staging")])).expect("valid");
+        let w = c.influxdb.writer_config().expect("enabled");
+        assert_eq!(w.url, "http://influx:8086");
+        assert_eq!(
+            (w.token.as_str(), w.organization.as_str(), w.bucket.as_str()),
+            ("t", "o", "b")
+        );
+        assert_eq!(
+            w.default_tags.get("stage").map(String::as_str),
+            Some("staging")
+        );
+        assert!(c.influxdb.other.contains_key("somethingelse"));
     }
 
     #[test]
@@ -532,6 +602,8 @@ mod tests {
         assert!(msg(&[("POSEIDON_SERVER_TLS_ACTIVE", "true")]).contains("server.tls.certfile"));
         assert!(msg(&[("POSEIDON_SERVER_BODYLIMIT", "-1")]).contains("server.bodylimit"));
         assert!(msg(&[("POSEIDON_SERVER_MAXCONNECTIONS", "0")]).contains("server.maxconnections"));
+        assert!(msg(&[("POSEIDON_INFLUXDB_URL", "influxdb:8086")]).contains("influxdb.url"));
+        assert!(msg(&[("POSEIDON_INFLUXDB_URL", "ftp://influxdb")]).contains("influxdb.url"));
     }
 
     #[test]

@@ -11,8 +11,11 @@ use clap::Parser;
 use local_adapter::LocalExecutor;
 use poseidon_server::config::Config;
 use poseidon_server::serve::{self, TlsFiles};
-use poseidon_server::{AppState, app, systemd, telemetry};
+use poseidon_server::{AppState, app, metrics, systemd, telemetry};
 use runner_core::{EnvironmentId, EnvironmentSpec, ExecutorApi, Manager, RunnerManager};
+
+/// How often runner counts are written to InfluxDB (Poseidon: idle runners every minute).
+const STATISTICS_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A code-execution runner manager with Poseidon's HTTP API v1.
 #[derive(Debug, Parser)]
@@ -117,7 +120,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let state = AppState::new(manager.clone(), config.api_settings(bound));
+    let influx = match config.influxdb.writer_config() {
+        Some(writer) => {
+            Some(monitoring::InfluxWriter::start(writer).context("starting the InfluxDB writer")?)
+        }
+        None => None,
+    };
+    let state = AppState::with_influx(manager.clone(), config.api_settings(bound), influx.clone());
+    for (id, stats) in manager.statistics() {
+        state.write_point(metrics::pool_size_point(id, stats.prewarming_pool_size));
+    }
+    let statistics = tokio::spawn(metrics::report_statistics(
+        state.clone(),
+        STATISTICS_INTERVAL,
+    ));
     let streams = state.streams.clone();
     let grace = Duration::from_secs(config.server.shutdowngrace);
     let watchdog = tokio::spawn(systemd::watchdog());
@@ -137,6 +153,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await;
     watchdog.abort();
+    statistics.abort();
+    if let Some(influx) = &influx {
+        influx.shutdown().await;
+    }
     served?;
     manager.shutdown().await;
     if let Some(local) = local {

@@ -1,13 +1,19 @@
 //! Prometheus metrics at `GET /metrics`: request durations by route and status (a middleware
 //! layer), runner counts per environment (read from the manager at scrape time), and how
 //! execution streams ended.
+//!
+//! The same middleware writes Poseidon's InfluxDB points (design §6) when `influxdb.url` is set:
+//! per request `poseidon_<routeName>` with field `duration` (ns) and tag `status` (runner routes
+//! add `runner_id` and `environment_id`); [`report_statistics`] writes `poseidon_used_runners`
+//! and `poseidon_nomad_idle_runners` periodically and [`pool_size_point`] is written whenever an
+//! environment is stored.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,8 +22,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use runner_core::{EnvironmentId, RunnerId};
 
 use crate::state::AppState;
+use monitoring::Point;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
@@ -160,12 +168,29 @@ pub async fn track_requests(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let influx = state
+        .influx
+        .is_some()
+        .then(|| influx_route(request.method(), &route))
+        .flatten()
+        .map(|name| {
+            let size = request
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            (name, request.uri().path().to_string(), size)
+        });
     let response = next.run(request).await;
     let status = response.status().as_u16();
     let elapsed = start.elapsed();
     state
         .metrics
         .observe(&method, &route, status, elapsed.as_secs_f64());
+    if let Some((name, path, size)) = influx {
+        let tags = response.extensions().get::<RunnerTags>().cloned();
+        write_request_point(&state, name, &path, size, status, elapsed, tags);
+    }
     tracing::debug!(%method, %route, status, duration_ms = elapsed.as_millis() as u64, "request");
     response
 }
@@ -181,4 +206,141 @@ pub async fn metrics_route(State(state): State<Arc<AppState>>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Tags a handler knows and the path does not show (the runner `POST /runners` claimed, the
+/// environment of a runner it deleted); the InfluxDB point of the request carries them.
+#[derive(Debug, Clone)]
+pub struct RunnerTags {
+    /// The runner.
+    pub runner_id: String,
+    /// Its environment.
+    pub environment_id: EnvironmentId,
+}
+
+/// Poseidon's route name for the InfluxDB measurement `poseidon_<name>`; `None` for routes
+/// Poseidon does not have (`/metrics`, the OpenAPI document, unmatched paths).
+pub fn influx_route(method: &Method, route: &str) -> Option<&'static str> {
+    let name = match (method.as_str(), route) {
+        ("GET", "/api/v1/health") => "/health",
+        ("GET", "/api/v1/version") => "/version",
+        ("GET", "/api/v1/statistics/execution-environments") => "/execution-environments",
+        ("POST", "/api/v1/runners") => "provideRunner",
+        ("DELETE", "/api/v1/runners/{runner_id}") => "deleteRunner",
+        ("GET", "/api/v1/runners/{runner_id}/files") => "/files_list",
+        ("PATCH", "/api/v1/runners/{runner_id}/files") => "/files",
+        ("GET", "/api/v1/runners/{runner_id}/files/raw") => "/files/raw",
+        ("POST", "/api/v1/runners/{runner_id}/execute") => "/execute",
+        ("GET", "/api/v1/runners/{runner_id}/websocket") => "/websocket",
+        ("GET", "/api/v1/execution-environments") => "list",
+        ("GET", "/api/v1/execution-environments/{environment_id}") => "get",
+        ("PUT", "/api/v1/execution-environments/{environment_id}") => "createOrUpdate",
+        ("DELETE", "/api/v1/execution-environments/{environment_id}") => "delete",
+        _ => return None,
+    };
+    Some(name)
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn write_request_point(
+    state: &AppState,
+    name: &'static str,
+    path: &str,
+    request_size: Option<u64>,
+    status: u16,
+    elapsed: Duration,
+    tags: Option<RunnerTags>,
+) {
+    let mut point = Point::new(format!("poseidon_{name}"))
+        .tag("status", status.to_string())
+        .field("duration", nanos(elapsed));
+    // `/api/v1/runners/{id}/…` and `/api/v1/execution-environments/{id}`: the id is segment 4.
+    let path_id = path.split('/').nth(4).filter(|s| !s.is_empty());
+    if let Some(tags) = &tags {
+        point = point
+            .tag("runner_id", tags.runner_id.clone())
+            .tag("environment_id", tags.environment_id.to_string());
+    } else if path.starts_with("/api/v1/runners/")
+        && let Some(id) = path_id
+    {
+        let runner = RunnerId::from(id);
+        let environment = state
+            .manager
+            .runner(&runner)
+            .ok()
+            .map(|r| r.environment())
+            .or_else(|| runner.environment());
+        point = point.tag("runner_id", id);
+        if let Some(environment) = environment {
+            point = point.tag("environment_id", environment.to_string());
+        }
+    } else if path.starts_with("/api/v1/execution-environments/")
+        && let Some(id) = path_id
+    {
+        point = point.tag("environment_id", id);
+    }
+    if name == "/files"
+        && let Some(size) = request_size
+    {
+        point = point.field("request_size", size);
+    }
+    state.write_point(point);
+    // Runner counts on change, as Poseidon's monitored storages do on every add and delete.
+    if (200..300).contains(&status)
+        && let Some(tags) = tags
+    {
+        let event = if name == "provideRunner" {
+            "creation"
+        } else {
+            "deletion"
+        };
+        write_runner_counts(state, Some(tags.environment_id), event);
+    }
+}
+
+/// `poseidon_poolsize`: an environment's prewarming pool size, written whenever it is set.
+pub fn pool_size_point(environment: EnvironmentId, size: u32) -> Point {
+    Point::new("poseidon_poolsize")
+        .tag("environment_id", environment.to_string())
+        .field("prewarming_pool_size", size)
+}
+
+/// Writes `poseidon_used_runners` and `poseidon_nomad_idle_runners` (tag `environment_id`,
+/// field `count`, tag `event_type`) for `only` or, when `None`, for every environment.
+pub fn write_runner_counts(state: &AppState, only: Option<EnvironmentId>, event_type: &str) {
+    for (id, stats) in state.manager.statistics() {
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let environment = id.to_string();
+        state.write_point(
+            Point::new("poseidon_used_runners")
+                .tag("environment_id", environment.clone())
+                .tag("event_type", event_type)
+                .field("count", stats.used_runners),
+        );
+        state.write_point(
+            Point::new("poseidon_nomad_idle_runners")
+                .tag("environment_id", environment)
+                .tag("event_type", event_type)
+                .field("count", stats.idle_runners),
+        );
+    }
+}
+
+/// Writes the runner counts and pool sizes of every environment now and then every `every`,
+/// until the task is aborted; does nothing without an InfluxDB export.
+pub async fn report_statistics(state: Arc<AppState>, every: Duration) {
+    if state.influx.is_none() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        write_runner_counts(&state, None, "periodically");
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use monitoring::{InfluxWriter, Point};
 use runner_core::{Manager, SpecBounds};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,16 +59,36 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Open WebSocket streams.
     pub streams: Streams,
+    /// The InfluxDB export, when `influxdb.url` is set.
+    pub influx: Option<InfluxWriter>,
 }
 
 impl AppState {
     /// State over `manager` with `settings`.
     pub fn new(manager: Arc<dyn Manager>, settings: ApiSettings) -> Arc<Self> {
+        Self::with_influx(manager, settings, None)
+    }
+
+    /// State over `manager` with `settings` that also writes metric points to `influx`.
+    pub fn with_influx(
+        manager: Arc<dyn Manager>,
+        settings: ApiSettings,
+        influx: Option<InfluxWriter>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             manager,
             settings,
             metrics: Metrics::new(),
             streams: Streams::default(),
+            influx,
         })
+    }
+
+    /// Queues `point` for InfluxDB; without an InfluxDB export it is only trace-logged.
+    pub fn write_point(&self, point: Point) {
+        match &self.influx {
+            Some(writer) => writer.write(point),
+            None => tracing::trace!(?point, "metric point (no InfluxDB configured)"),
+        }
     }
 }

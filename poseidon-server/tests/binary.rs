@@ -33,6 +33,10 @@ fn invalid_configuration_exits_2_naming_the_key() {
             vec![("POSEIDON_SERVER_BACKEND", "docker")],
             "server.backend",
         ),
+        (
+            vec![("POSEIDON_INFLUXDB_URL", "influxdb:8086")],
+            "influxdb.url",
+        ),
     ] {
         let mut cmd = command(dir.path());
         for (k, v) in &vars {

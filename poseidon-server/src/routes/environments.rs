@@ -123,6 +123,12 @@ pub async fn put(
         PutOutcome::Replaced => StatusCode::NO_CONTENT,
     };
     tracing::info!(environment_id = %id, status = status.as_u16(), "environment stored");
+    if let Some(environment) = state.manager.environment(id) {
+        state.write_point(crate::metrics::pool_size_point(
+            id,
+            environment.statistics().prewarming_pool_size,
+        ));
+    }
     if status == StatusCode::CREATED {
         Ok((status, [(CONTENT_LENGTH, "0")]).into_response())
     } else {

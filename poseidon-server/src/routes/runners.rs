@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -16,6 +15,7 @@ use axum::extract::{Query, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use axum::{Extension, Json};
 use base64::Engine;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -31,6 +31,7 @@ use crate::dto::{
 };
 use crate::error::ApiError;
 use crate::input::{self, PathParam, RawBody};
+use crate::metrics::RunnerTags;
 use crate::state::AppState;
 use crate::ws::{self, ClientFrame, ServerFrame, StreamEnd};
 
@@ -68,7 +69,7 @@ fn used_runner(state: &AppState, id: &str) -> Result<Arc<dyn Runner>, ApiError> 
 pub async fn provide(
     State(state): State<Arc<AppState>>,
     RawBody(body): RawBody,
-) -> Result<Json<RunnerResponse>, ApiError> {
+) -> Result<(Extension<RunnerTags>, Json<RunnerResponse>), ApiError> {
     let map = input::json_object(&body)?;
     let environment = input::req_uint(&map, "executionEnvironmentId", EnvironmentId::MAX)?;
     let environment = EnvironmentId::new(environment)
@@ -78,10 +79,17 @@ pub async fn provide(
         .manager
         .claim(environment, Duration::from_secs(timeout))?;
     tracing::info!(runner_id = %runner.id(), environment_id = %environment, "runner claimed");
-    Ok(Json(RunnerResponse {
+    let tags = RunnerTags {
         runner_id: runner.id().to_string(),
-        mapped_ports: runner.mapped_ports().into_iter().map(Into::into).collect(),
-    }))
+        environment_id: environment,
+    };
+    Ok((
+        Extension(tags),
+        Json(RunnerResponse {
+            runner_id: runner.id().to_string(),
+            mapped_ports: runner.mapped_ports().into_iter().map(Into::into).collect(),
+        }),
+    ))
 }
 
 /// Gives a runner back; it is destroyed.
@@ -97,11 +105,15 @@ pub async fn delete(
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam,
     RawBody(_drained): RawBody,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(Extension<RunnerTags>, StatusCode), ApiError> {
     let runner = used_runner(&state, &id)?;
+    let tags = RunnerTags {
+        runner_id: id.clone(),
+        environment_id: runner.environment(),
+    };
     state.manager.return_runner(runner.id()).await?;
     tracing::info!(runner_id = %id, "runner returned");
-    Ok(StatusCode::NO_CONTENT)
+    Ok((Extension(tags), StatusCode::NO_CONTENT))
 }
 
 /// Deletes, then writes files.
