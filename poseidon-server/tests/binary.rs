@@ -142,22 +142,7 @@ async fn tls_serves_https_and_wss_urls() {
         .await
         .expect("put");
     assert_eq!(r.status(), 201);
-    let mut runner = None;
-    for _ in 0..100 {
-        let r = client
-            .post(format!("{base}/runners"))
-            .json(&json!({"executionEnvironmentId": 1}))
-            .send()
-            .await
-            .expect("claim");
-        if r.status() == 200 {
-            let body: Value = r.json().await.expect("json");
-            runner = body["runnerId"].as_str().map(str::to_string);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let runner = runner.expect("a runner");
+    let runner = common::process::claim(&client, &base, None, 1).await;
     let body: Value = client
         .post(format!("{base}/runners/{runner}/execute"))
         .json(&json!({"command": "echo hi"}))

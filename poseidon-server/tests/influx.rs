@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::post;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Debug, Default)]
 struct Recorded {
@@ -112,23 +112,7 @@ async fn requests_and_pool_sizes_arrive_in_influxdb() {
         .await
         .expect("put");
     assert_eq!(r.status(), 201);
-    let mut runner = None;
-    for _ in 0..100 {
-        let r = client
-            .post(format!("{base}/runners"))
-            .header("Poseidon-Token", "tok")
-            .json(&json!({"executionEnvironmentId": 3}))
-            .send()
-            .await
-            .expect("claim");
-        if r.status() == 200 {
-            let body: Value = r.json().await.expect("json");
-            runner = body["runnerId"].as_str().map(str::to_string);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let runner = runner.expect("a runner");
+    let runner = common::process::claim(&client, &base, Some("tok"), 3).await;
 
     let health = wait_line(&rec, "poseidon_/health,", &["status=204", "stage=ci"]).await;
     assert!(health.contains(" duration="), "{health}");

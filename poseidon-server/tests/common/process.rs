@@ -73,6 +73,31 @@ pub fn spawn_in(dir: tempfile::TempDir, vars: &[(&str, &str)]) -> ServerProcess 
     }
 }
 
+/// Claims a runner of `environment` at `base` (`…/api/v1`, sending `token` if given), retrying
+/// for up to 5 s while the pool fills; returns its id.
+pub async fn claim(
+    client: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    environment: u64,
+) -> String {
+    for _ in 0..100 {
+        let mut request = client
+            .post(format!("{base}/runners"))
+            .json(&serde_json::json!({"executionEnvironmentId": environment}));
+        if let Some(token) = token {
+            request = request.header("Poseidon-Token", token);
+        }
+        let r = request.send().await.expect("claim");
+        if r.status() == 200 {
+            let body: serde_json::Value = r.json().await.expect("json");
+            return body["runnerId"].as_str().expect("a runner id").to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no runner of environment {environment} to claim");
+}
+
 impl ServerProcess {
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
