@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -42,7 +42,10 @@ use crate::rootfs;
 use crate::sandbox::{ID_RANGE, MARKER, RootSpec, SandboxSpec};
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the init may take to accept a connection and give its first answer to a request. A
+/// working init answers in microseconds (it forks helpers for anything slow); one that does not
+/// answer in time is broken, and its runner is replaced.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the main process exited, output still arriving is forwarded until the pipes are quiet
 /// this long (background processes may keep them open).
 /// Longest path accepted in a file update (Linux's `PATH_MAX` is 4096; longer ones are refused
@@ -171,11 +174,60 @@ fn is_alive(handle: &Handle) -> bool {
     start_time(handle.pid) == Some(handle.start_time)
 }
 
+/// Connects to a runner's init. The timeouts are set before connecting: a unix connect waits
+/// (up to the send timeout) while the listener's backlog is full, as it is when the init stopped
+/// accepting.
 fn connect(socket: &Path) -> io::Result<UnixStream> {
-    let conn = UnixStream::connect(socket)?;
-    conn.set_read_timeout(Some(CONTROL_TIMEOUT))?;
-    conn.set_write_timeout(Some(CONTROL_TIMEOUT))?;
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let timeout = nix::sys::time::TimeVal::new(CONTROL_TIMEOUT.as_secs() as _, 0);
+    socket::setsockopt(&fd, sockopt::SendTimeout, &timeout)?;
+    socket::setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)?;
+    socket::connect(fd.as_raw_fd(), &UnixAddr::new(socket)?)?;
+    Ok(UnixStream::from(fd))
+}
+
+/// A failure to talk to a runner's init.
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    /// The init did not accept the connection or did not answer within [`CONTROL_TIMEOUT`]:
+    /// the runner's control plane is broken.
+    #[error("the runner's control process did not answer in time ({0})")]
+    Unresponsive(io::Error),
+    /// The operation failed after the init took it.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl From<io::Error> for ControlError {
+    fn from(e: io::Error) -> Self {
+        ControlError::Backend(internal(e))
+    }
+}
+
+/// Connects and sends `request`, as a control-plane step: any failure means a broken init.
+fn send_request(socket: &Path, request: &Request) -> Result<UnixStream, ControlError> {
+    let mut conn = connect(socket).map_err(ControlError::Unresponsive)?;
+    write_msg(&mut conn, request).map_err(ControlError::Unresponsive)?;
     Ok(conn)
+}
+
+/// Waits (at most [`CONTROL_TIMEOUT`]) for the init to hand a file operation to its helper,
+/// then gives the helper `stall` for each later read and write.
+fn await_accepted(conn: &mut UnixStream, stall: Duration) -> Result<(), ControlError> {
+    match read_msg::<Response>(conn, MAX_RESPONSE).map_err(ControlError::Unresponsive)? {
+        Response::Accepted => {}
+        Response::Error { message } => return Err(internal(message).into()),
+        other => return Err(internal(format!("unexpected answer {other:?}")).into()),
+    }
+    conn.set_read_timeout(Some(stall))?;
+    conn.set_write_timeout(Some(stall))?;
+    Ok(())
 }
 
 fn ping(socket: &Path) -> bool {
@@ -491,6 +543,25 @@ impl LocalExecutor {
         }
     }
 
+    /// The outcome of a request to `runner`'s init. An init that did not answer is broken: the
+    /// runner is torn down and reported stopped (so it is replaced), and the request fails.
+    fn control<T>(
+        &self,
+        runner: &Arc<Runner>,
+        outcome: Result<T, ControlError>,
+    ) -> Result<T, BackendError> {
+        match outcome {
+            Ok(value) => Ok(value),
+            Err(ControlError::Backend(e)) => Err(e),
+            Err(e @ ControlError::Unresponsive(_)) => {
+                self.inner.control_plane_failed(runner, &e);
+                Err(BackendError::Internal(format!(
+                    "{e}; the runner is broken and is being replaced"
+                )))
+            }
+        }
+    }
+
     fn runner(&self, id: &RunnerId) -> Result<Arc<Runner>, BackendError> {
         lock(&self.inner.runners)
             .get(id)
@@ -603,6 +674,36 @@ impl Inner {
             if let Some(network) = inner.network.get() {
                 network.detach(&id).await;
             }
+            let _ = inner
+                .events_tx
+                .send(BackendEvent::RunnerStopped { runner: id, reason });
+        });
+    }
+
+    /// Tears down a runner whose init stopped answering and reports it stopped, so that
+    /// runner-core replaces it and ends what still runs on it.
+    fn control_plane_failed(self: &Arc<Self>, runner: &Arc<Runner>, error: &ControlError) {
+        if runner
+            .destroying
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        error!(runner_id = %runner.id, environment_id = %runner.environment, error = %error, "the runner's init stopped answering; destroying the runner");
+        let id = runner.id.clone();
+        lock(&self.runners).remove(&id);
+        let (inner, runner) = (self.clone(), runner.clone());
+        tokio::spawn(async move {
+            let cleanup = inner.clone();
+            let torn = tokio::task::spawn_blocking(move || cleanup.teardown(&runner)).await;
+            if let Ok(Err(e)) = torn {
+                warn!(runner_id = %id, error = %e, "tearing down the broken runner failed");
+            }
+            if let Some(network) = inner.network.get() {
+                network.detach(&id).await;
+            }
+            let reason =
+                DestroyReason::Stopped("the runner's control process stopped answering".into());
             let _ = inner
                 .events_tx
                 .send(BackendEvent::RunnerStopped { runner: id, reason });
@@ -1004,22 +1105,23 @@ impl ExecutorApi for LocalExecutor {
                 .collect(),
         };
         let socket = r.handle.socket.clone();
-        let stall = self.inner.config.stall_timeout;
-        let (conn, fds) = blocking(
-            move || -> Result<(UnixStream, Vec<OwnedFd>), BackendError> {
-                let mut conn = connect(&socket).map_err(internal)?;
-                conn.set_read_timeout(Some(stall)).map_err(internal)?;
-                write_msg(&mut conn, &message).map_err(internal)?;
-                let (response, fds): (Response, _) = recv_with_fds(&conn, 2).map_err(internal)?;
-                conn.set_read_timeout(None).map_err(internal)?;
+        // The init itself answers (it forks the command and sends its terminal at once).
+        let started = blocking(
+            move || -> Result<(UnixStream, Vec<OwnedFd>), ControlError> {
+                let conn = send_request(&socket, &message)?;
+                let (response, fds): (Response, _) =
+                    recv_with_fds(&conn, 2).map_err(ControlError::Unresponsive)?;
+                conn.set_read_timeout(None)?;
+                conn.set_write_timeout(None)?;
                 match response {
                     Response::Started if fds.len() == 2 => Ok((conn, fds)),
-                    Response::Error { message } => Err(BackendError::Internal(message)),
-                    other => Err(internal(format!("unexpected answer {other:?}"))),
+                    Response::Error { message } => Err(BackendError::Internal(message).into()),
+                    other => Err(internal(format!("unexpected answer {other:?}")).into()),
                 }
             },
         )
-        .await??;
+        .await?;
+        let (conn, fds) = self.control(&r, started)?;
         let mut fds = fds.into_iter();
         let (Some(master), Some(stderr)) = (fds.next(), fds.next()) else {
             return Err(internal("missing descriptors"));
@@ -1063,12 +1165,9 @@ impl ExecutorApi for LocalExecutor {
         let socket = r.handle.socket.clone();
         let update = update.clone();
         let stall = self.inner.config.stall_timeout;
-        let responses = blocking(move || -> io::Result<Vec<Response>> {
+        let responses = blocking(move || -> Result<Vec<Response>, ControlError> {
             let mut responses = Vec::new();
             for batch in update_batches(&update) {
-                let mut conn = connect(&socket)?;
-                conn.set_write_timeout(Some(stall))?;
-                conn.set_read_timeout(Some(stall))?;
                 let request = Request::Update {
                     delete: batch.delete.iter().map(|d| (*d).clone()).collect(),
                     copies: batch
@@ -1080,7 +1179,8 @@ impl ExecutorApi for LocalExecutor {
                         })
                         .collect(),
                 };
-                write_msg(&mut conn, &request)?;
+                let mut conn = send_request(&socket, &request)?;
+                await_accepted(&mut conn, stall)?;
                 for c in &batch.copy {
                     io::Write::write_all(&mut conn, &c.content)?;
                 }
@@ -1088,8 +1188,8 @@ impl ExecutorApi for LocalExecutor {
             }
             Ok(responses)
         })
-        .await?
-        .map_err(internal)?;
+        .await?;
+        let responses = self.control(&r, responses)?;
         let mut failures = Vec::new();
         for response in responses {
             match response {
@@ -1126,14 +1226,13 @@ impl ExecutorApi for LocalExecutor {
             privileged: request.privileged,
         };
         let stall = self.inner.config.stall_timeout;
-        let response = blocking(move || -> io::Result<Response> {
-            let mut conn = connect(&socket)?;
-            conn.set_read_timeout(Some(stall))?;
-            write_msg(&mut conn, &message)?;
-            read_msg(&mut conn, MAX_RESPONSE)
+        let response = blocking(move || -> Result<Response, ControlError> {
+            let mut conn = send_request(&socket, &message)?;
+            await_accepted(&mut conn, stall)?;
+            Ok(read_msg(&mut conn, MAX_RESPONSE)?)
         })
-        .await?
-        .map_err(internal)?;
+        .await?;
+        let response = self.control(&r, response)?;
         match response {
             Response::Listing { entries } => Ok(entries
                 .into_iter()
@@ -1170,16 +1269,15 @@ impl ExecutorApi for LocalExecutor {
             privileged,
         };
         let stall = self.inner.config.stall_timeout;
-        let (response, conn) = blocking(move || -> io::Result<(Response, UnixStream)> {
-            let mut conn = connect(&socket)?;
-            conn.set_read_timeout(Some(stall))?;
-            write_msg(&mut conn, &message)?;
+        let outcome = blocking(move || -> Result<(Response, UnixStream), ControlError> {
+            let mut conn = send_request(&socket, &message)?;
+            await_accepted(&mut conn, stall)?;
             let response = read_msg(&mut conn, MAX_RESPONSE)?;
             conn.set_read_timeout(None)?;
             Ok((response, conn))
         })
-        .await?
-        .map_err(internal)?;
+        .await?;
+        let (response, conn) = self.control(&r, outcome)?;
         let size = match response {
             Response::File { size } => size,
             Response::NotFound => return Err(FileError::NotFound),

@@ -77,6 +77,9 @@ pub(crate) struct Failure {
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub(crate) enum Response {
     Ok,
+    /// The init took a file operation and handed it to a helper; the operation's own answer
+    /// follows. It comes at once from a working init, so its absence means a broken one.
+    Accepted,
     /// The execution started (fds attached); later `Exit` follows on the same connection.
     Started,
     /// The execution's main process ended with this code.

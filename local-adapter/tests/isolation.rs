@@ -255,3 +255,162 @@ async fn mount_information_names_no_host_path_of_the_data_directory() {
     );
     f.destroy(&r).await;
 }
+
+/// The host pid of a runner's init, from the network namespace path the executor gives out.
+fn init_pid(f: &Fixture, r: &RunnerId) -> u32 {
+    let netns = f.executor.network_namespace(r).expect("a live runner");
+    netns
+        .to_str()
+        .and_then(|p| p.strip_prefix("/proc/"))
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("/proc/<pid>/ns/net")
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_root_cannot_limit_stop_or_slow_down_the_init() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let pid = init_pid(&f, &r);
+    let before = (
+        proc_field(pid, "limits", "Max open files"),
+        proc_field(pid, "limits", "Max processes"),
+        proc_field(pid, "limits", "Max cpu time"),
+        proc_field(pid, "stat", ""),
+    );
+    let attack = "prlimit --pid 1 --nofile=3:3 --nproc=1:1 --cpu=1:1 --as=1000000:1000000; \
+                  renice -n 19 -p 1; chrt --idle -p 0 1; taskset -p 1 1; ionice -c 3 -p 1; \
+                  echo 1000 > /proc/1/oom_score_adj; kill -STOP 1; kill -KILL 1; \
+                  head -c 1 /proc/1/mem; ls /proc/1/fd; echo done";
+    let o = root(&f, &r, attack).await;
+    assert!(o.out().contains("done"), "{o:?}");
+    let after = (
+        proc_field(pid, "limits", "Max open files"),
+        proc_field(pid, "limits", "Max processes"),
+        proc_field(pid, "limits", "Max cpu time"),
+        proc_field(pid, "stat", ""),
+    );
+    assert_eq!(before.0, after.0, "{o:?}");
+    assert_eq!(before.1, after.1, "{o:?}");
+    assert_eq!(before.2, after.2, "{o:?}");
+    // Fields after the command: state … priority (16), nice (17) … policy (39).
+    let fields = |stat: &str| -> Vec<String> {
+        stat.rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let (b, a) = (fields(&before.3), fields(&after.3));
+    assert_eq!(a.first().map(String::as_str), Some("S"), "init state {a:?}");
+    assert_eq!(b.get(16), a.get(16), "nice changed: {o:?}");
+    assert_eq!(b.get(38), a.get(38), "scheduling policy changed: {o:?}");
+    assert_eq!(
+        proc_field(pid, "status", "Cpus_allowed_list"),
+        proc_field(std::process::id(), "status", "Cpus_allowed_list"),
+        "affinity changed"
+    );
+    assert_ne!(
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .unwrap_or_default()
+            .trim(),
+        "1000"
+    );
+    // The control plane answers at once.
+    let started = std::time::Instant::now();
+    let listed = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        f.executor.list_files(
+            &r,
+            &runner_core::ListFilesRequest {
+                path: "./".into(),
+                recursive: false,
+                privileged: false,
+            },
+        ),
+    )
+    .await
+    .expect("listing hung");
+    assert!(listed.is_ok(), "{listed:?}");
+    let o = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        run(&f.executor, &r, "echo alive"),
+    )
+    .await
+    .expect("execution hung");
+    assert_eq!(o.out(), "alive\r\n");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_init_that_stops_answering_fails_requests_within_seconds_and_is_replaced() {
+    use futures::StreamExt;
+    let f = Fixture::new().await;
+    let mut events = f.executor.events();
+    let r = f.runner().await;
+    let pid = init_pid(&f, &r);
+    // Nothing in the runner can do this any more; the host's root can, and it stands for any
+    // way an init may stop serving (a kernel bug, a frozen cgroup).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let listed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        f.executor.list_files(
+            &r,
+            &runner_core::ListFilesRequest {
+                path: "./".into(),
+                recursive: false,
+                privileged: false,
+            },
+        ),
+    )
+    .await
+    .expect("listing hung");
+    let message = format!("{listed:?}");
+    assert!(listed.is_err());
+    assert!(message.contains("did not answer"), "{message}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+        .await
+        .expect("no event");
+    match stopped {
+        Some(runner_core::BackendEvent::RunnerStopped { runner, .. }) => assert_eq!(runner, r),
+        other => panic!("expected the runner to be reported stopped, got {other:?}"),
+    }
+    assert!(f.executor.network_namespace(&r).is_none());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true),
+        "the broken init still runs"
+    );
+    // Executions on it fail at once rather than hang.
+    let exec = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        f.executor.execute(
+            &r,
+            &request("true"),
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("execute hung");
+    assert!(exec.is_err());
+}

@@ -9,9 +9,10 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::BorrowedFd;
+
 use nix::unistd::{Gid, Uid};
 
-use super::USER_ID;
 use crate::protocol::{CopyHeader, Entry, Failure, Response, write_msg};
 
 /// The working directory relative paths are resolved against.
@@ -25,45 +26,38 @@ const MAX_ENTRIES: usize = 100_000;
 /// `protocol::MAX_RESPONSE`.
 const MAX_LISTING_BYTES: usize = 8 << 20;
 
-/// Serves one file operation on `conn` and exits.
-pub(crate) fn serve(mut conn: UnixStream, request: crate::protocol::Request) -> ! {
+/// Serves one file operation on `conn` and exits. `userns` is the execution namespace, entered
+/// with the request's credentials (an update is privileged, as in Poseidon).
+pub(crate) fn serve(
+    mut conn: UnixStream,
+    request: crate::protocol::Request,
+    userns: BorrowedFd<'_>,
+) -> ! {
     use crate::protocol::Request;
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    // As for a command: `/proc/self/cwd` and relative lookups see the working directory.
-    let _ = nix::unistd::chdir(WORKSPACE);
-    let response = match request {
-        Request::Update { delete, copies } => update(&mut conn, &delete, &copies),
-        Request::List {
-            path,
-            recursive,
-            privileged,
-        } => {
-            if !privileged && drop_to_user().is_err() {
-                Response::NotFound
-            } else {
-                list(&path, recursive)
+    let privileged = match &request {
+        Request::List { privileged, .. } | Request::Read { privileged, .. } => *privileged,
+        _ => true,
+    };
+    let response = match super::setup::enter_execution_namespace(userns, privileged) {
+        Err(message) => Response::Error { message },
+        Ok(()) => {
+            // As for a command: `/proc/self/cwd` and relative lookups see the working directory.
+            let _ = nix::unistd::chdir(WORKSPACE);
+            match request {
+                Request::Update { delete, copies } => update(&mut conn, &delete, &copies),
+                Request::List {
+                    path, recursive, ..
+                } => list(&path, recursive),
+                Request::Read { path, .. } => read(&mut conn, &path),
+                Request::Ping | Request::Exec { .. } => Response::Error {
+                    message: "not a file operation".into(),
+                },
             }
         }
-        Request::Read { path, privileged } => {
-            if !privileged && drop_to_user().is_err() {
-                Response::NotFound
-            } else {
-                read(&mut conn, &path)
-            }
-        }
-        Request::Ping | Request::Exec { .. } => Response::Error {
-            message: "not a file operation".into(),
-        },
     };
     let _ = write_msg(&mut conn, &response);
     std::process::exit(0)
-}
-
-fn drop_to_user() -> nix::Result<()> {
-    let (u, g) = (Uid::from_raw(USER_ID), Gid::from_raw(USER_ID));
-    nix::unistd::setgroups(&[])?;
-    nix::unistd::setresgid(g, g, g)?;
-    nix::unistd::setresuid(u, u, u)
 }
 
 /// `path.Clean` of Go, on an absolute path: `.`, `..` and repeated slashes resolved lexically.

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -32,12 +32,12 @@ use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, w
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the sandbox and serves requests; never returns.
-pub(crate) fn run(spec: SandboxSpec, userns: OwnedFd) -> ! {
+pub(crate) fn run(spec: SandboxSpec, userns: OwnedFd, listener: UnixListener) -> ! {
     match setup_all(&spec, userns) {
-        Ok((listener, cgroup)) => {
+        Ok((cgroup, exec_ns)) => {
             report("ready");
             let _ = setup::detach_stdio();
-            serve(listener, cgroup, &spec)
+            serve(listener, cgroup, exec_ns, &spec)
         }
         Err(e) => {
             report(&format!("error {e}"));
@@ -52,20 +52,17 @@ fn report(line: &str) {
     let _ = out.flush();
 }
 
-fn setup_all(
-    spec: &SandboxSpec,
-    userns: OwnedFd,
-) -> Result<(UnixListener, Option<OwnedFd>), StepError> {
+fn setup_all(spec: &SandboxSpec, userns: OwnedFd) -> Result<(Option<OwnedFd>, OwnedFd), StepError> {
     setup::make_mounts_private()?;
-    let listener = setup::bind_control_socket(&spec.socket)?;
     let cgroup = setup::open_exec_cgroup(spec)?;
     let root = setup::build_root(spec, &userns)?;
     setup::pivot_into(&root)?;
     setup::mount_proc()?;
     setup::configure_uts_and_loopback()?;
     setup::enter_user_namespace(userns)?;
+    let exec_ns = setup::create_execution_namespace()?;
     setup::harden()?;
-    Ok((listener, cgroup))
+    Ok((cgroup, exec_ns))
 }
 
 struct Running {
@@ -76,12 +73,19 @@ struct Running {
 struct Init<'a> {
     spec: &'a SandboxSpec,
     cgroup: Option<OwnedFd>,
+    /// The user namespace every execution and file operation enters (see `INIT_ID`).
+    exec_ns: OwnedFd,
     execs: HashMap<i32, Running>,
     lingering: Vec<String>,
     counter: u64,
 }
 
-fn serve(listener: UnixListener, cgroup: Option<OwnedFd>, spec: &SandboxSpec) -> ! {
+fn serve(
+    listener: UnixListener,
+    cgroup: Option<OwnedFd>,
+    exec_ns: OwnedFd,
+    spec: &SandboxSpec,
+) -> ! {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
@@ -92,6 +96,7 @@ fn serve(listener: UnixListener, cgroup: Option<OwnedFd>, spec: &SandboxSpec) ->
     let mut init = Init {
         spec,
         cgroup,
+        exec_ns,
         execs: HashMap::new(),
         lingering: Vec::new(),
         counter: 0,
@@ -177,7 +182,11 @@ impl Init<'_> {
         }
     }
 
-    fn fork_file_op(&mut self, conn: UnixStream, request: Request) {
+    fn fork_file_op(&mut self, mut conn: UnixStream, request: Request) {
+        // The server waits only briefly for this: an init that does not answer is broken.
+        if write_msg(&mut conn, &Response::Accepted).is_err() {
+            return;
+        }
         // SAFETY: the init is single-threaded, so the child may run arbitrary code.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
@@ -188,8 +197,8 @@ impl Init<'_> {
                 // code planted (e.g. to /proc/self/fd/N): this process must hold no descriptor
                 // but its connection, or such a path could reach the host directory behind it
                 // (the init keeps one on its host cgroup).
-                close_all_but(conn.as_raw_fd());
-                super::fileops::serve(conn, request)
+                close_all_but(&[conn.as_raw_fd(), self.exec_ns.as_raw_fd()]);
+                super::fileops::serve(conn, request, self.exec_ns.as_fd())
             }
             Ok(ForkResult::Parent { .. }) => {}
             Err(e) => {
@@ -299,6 +308,7 @@ impl Init<'_> {
                     _ => None,
                 };
                 exec_child(ExecChild {
+                    userns: self.exec_ns.as_fd(),
                     program,
                     envp,
                     privileged,
@@ -411,7 +421,7 @@ impl Init<'_> {
 }
 
 /// Closes every descriptor of this (single-threaded, forked) process above stderr except `keep`.
-fn close_all_but(keep: std::os::fd::RawFd) {
+fn close_all_but(keep: &[std::os::fd::RawFd]) {
     let open: Vec<std::os::fd::RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(entries) => entries
             .flatten()
@@ -420,7 +430,7 @@ fn close_all_but(keep: std::os::fd::RawFd) {
         Err(_) => (3..1024).collect(),
     };
     for fd in open {
-        if fd > 2 && fd != keep {
+        if fd > 2 && !keep.contains(&fd) {
             // SAFETY: closing descriptors of a freshly forked, single-threaded child; no object
             // of this process uses them afterwards (the directory listing above is finished).
             unsafe {
@@ -479,7 +489,8 @@ fn reset_signals() {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
-struct ExecChild {
+struct ExecChild<'a> {
+    userns: BorrowedFd<'a>,
     program: CString,
     envp: Vec<CString>,
     privileged: bool,
@@ -491,7 +502,7 @@ struct ExecChild {
 
 /// The forked child of an execution: joins the execution's cgroup, takes the terminal, drops
 /// to `user` unless privileged, and execs `bash -c`.
-fn exec_child(c: ExecChild) -> ! {
+fn exec_child(c: ExecChild<'_>) -> ! {
     reset_signals();
     let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
         let msg = format!("poseidon: {what}: {e}\n");
@@ -548,16 +559,13 @@ fn exec_child(c: ExecChild) -> ! {
             let _ = unsafe {
                 nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)
             };
-            exec_command(
-                Command {
-                    program: c.program,
-                    envp: c.envp,
-                    privileged: c.privileged,
-                    limits: c.limits,
-                },
-                uid,
-                gid,
-            )
+            exec_command(Command {
+                userns: c.userns,
+                program: c.program,
+                envp: c.envp,
+                privileged: c.privileged,
+                limits: c.limits,
+            })
         }
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => fail("fork", &e),
@@ -582,7 +590,8 @@ fn exec_child(c: ExecChild) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-struct Command {
+struct Command<'a> {
+    userns: BorrowedFd<'a>,
     program: CString,
     envp: Vec<CString>,
     privileged: bool,
@@ -590,7 +599,7 @@ struct Command {
 }
 
 /// The command's own process: limits, credentials, working directory, then `bash -c`.
-fn exec_command(c: Command, uid: u32, gid: u32) -> ! {
+fn exec_command(c: Command<'_>) -> ! {
     let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
         let msg = format!("poseidon: {what}: {e}\n");
         // SAFETY: writing to fd 2 and exiting without unwinding in a forked child.
@@ -602,16 +611,8 @@ fn exec_command(c: Command, uid: u32, gid: u32) -> ! {
     use nix::sys::resource::{Resource, setrlimit};
     let _ = setrlimit(Resource::RLIMIT_NOFILE, c.limits.0, c.limits.0);
     let _ = setrlimit(Resource::RLIMIT_FSIZE, c.limits.1, c.limits.1);
-    let drop_privileges = || -> nix::Result<()> {
-        let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
-        nix::unistd::setgroups(&[])?;
-        nix::unistd::setresgid(g, g, g)?;
-        nix::unistd::setresuid(u, u, u)
-    };
-    if !c.privileged
-        && let Err(e) = drop_privileges()
-    {
-        fail("drop privileges", &e);
+    if let Err(e) = setup::enter_execution_namespace(c.userns, c.privileged) {
+        fail("credentials", &e);
     }
     if nix::unistd::chdir("/workspace").is_err() {
         let _ = nix::unistd::chdir("/");

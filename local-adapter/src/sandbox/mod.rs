@@ -29,6 +29,13 @@ pub(crate) const USER_ID: u32 = 1000;
 /// How many ids a runner's user namespace maps.
 pub(crate) const ID_RANGE: u32 = 65_536;
 
+/// The uid/gid of the init in the runner's user namespace: one id above the range executions
+/// can take (`0..ID_RANGE`), mapped to the runner's unique namespace-owner id on the host. The
+/// init holds its capabilities in that namespace, while executions and file operations run in
+/// a child namespace that maps only `0..ID_RANGE`: even sandbox root there has neither the
+/// init's ids nor any capability over it (no `prlimit`, `renice`, `kill`, `ptrace`, …).
+pub(crate) const INIT_ID: u32 = ID_RANGE;
+
 /// Everything the helper needs to build one runner (sent as JSON on its stdin).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SandboxSpec {
@@ -116,6 +123,9 @@ fn helper() -> Result<(), String> {
     // Created before the pid namespace, so the helper sees its holder's pid as /proc shows it.
     let userns =
         setup::create_user_namespace(spec.uid_base, spec.ns_owner).map_err(|e| e.to_string())?;
+    // Bound before the network namespace exists, so the socket belongs to the host's: it never
+    // shows up, with its host path, in the runner's `/proc/net/unix`.
+    let listener = setup::bind_control_socket(&spec.socket).map_err(|e| e.to_string())?;
     setup::unshare_namespaces().map_err(|e| e.to_string())?;
-    setup::fork_init(spec, userns).map_err(|e| e.to_string())
+    setup::fork_init(spec, userns, listener).map_err(|e| e.to_string())
 }

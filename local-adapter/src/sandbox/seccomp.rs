@@ -116,6 +116,28 @@ fn x32_guard() -> BpfProgram {
 /// The programs: x32 numbers → ENOSYS, `clone3` → ENOSYS, and the deny list (with `clone` +
 /// namespace flags) → EPERM. Everything else is allowed.
 pub(crate) fn programs() -> Result<[BpfProgram; 3], SeccompError> {
+    build(true)
+}
+
+/// The init's programs: [`programs`] but with `setns` allowed, which each of its children calls
+/// once to enter the execution namespace before adding [`setns_program`].
+pub(crate) fn init_programs() -> Result<[BpfProgram; 3], SeccompError> {
+    build(false)
+}
+
+/// A program denying `setns` (EPERM), stacked by the init's children on the init's programs.
+pub(crate) fn setns_program() -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_setns, vec![])].into();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch()?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+fn build(deny_setns: bool) -> Result<[BpfProgram; 3], SeccompError> {
     let arch = arch()?;
     let clone3: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, vec![])].into();
     let clone3 = SeccompFilter::new(
@@ -124,8 +146,11 @@ pub(crate) fn programs() -> Result<[BpfProgram; 3], SeccompError> {
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )?;
-    let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr, vec![])).collect();
+    let mut denied: BTreeMap<i64, Vec<SeccompRule>> = DENIED
+        .iter()
+        .filter(|&&nr| deny_setns || nr != libc::SYS_setns)
+        .map(|&nr| (nr, vec![]))
+        .collect();
     let mut clone_rules = Vec::new();
     for &flag in NAMESPACE_FLAGS {
         let flag = u64::from(flag as u32);

@@ -18,7 +18,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Gid, Uid, chown, fork, pipe, setgroups, setresgid, setresuid};
 use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
 
-use super::{ID_RANGE, RootSpec, SandboxSpec, USER_ID};
+use super::{ID_RANGE, INIT_ID, RootSpec, SandboxSpec, USER_ID};
 
 /// A step that failed, named so the server's error says where.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ pub(crate) fn unshare_namespaces() -> Result<()> {
 
 /// Helper: forks the init (pid 1 of the new pid namespace), reports its host pid on stdout and
 /// returns; the init never returns from here.
-pub(crate) fn fork_init(spec: SandboxSpec, userns: OwnedFd) -> Result<()> {
+pub(crate) fn fork_init(spec: SandboxSpec, userns: OwnedFd, listener: UnixListener) -> Result<()> {
     std::io::stdout().flush().map_err(step("flush"))?;
     // SAFETY: the helper is single-threaded (it runs before `main` or first in `main`, with no
     // other threads started), so the child may run arbitrary code after fork.
@@ -77,7 +77,7 @@ pub(crate) fn fork_init(spec: SandboxSpec, userns: OwnedFd) -> Result<()> {
             out.flush().map_err(step("report pid"))?;
             Ok(())
         }
-        ForkResult::Child => super::init::run(spec, userns),
+        ForkResult::Child => super::init::run(spec, userns, listener),
     }
 }
 
@@ -93,7 +93,8 @@ pub(crate) fn make_mounts_private() -> Result<()> {
     .map_err(step("make mounts private"))
 }
 
-/// Init: binds the control socket at its host path (before the root changes), only for root.
+/// Helper: binds the control socket at its host path, only for root, before the runner's
+/// network namespace exists (a unix socket is listed in its namespace's `/proc/net/unix`).
 pub(crate) fn bind_control_socket(path: &Path) -> Result<UnixListener> {
     let _ = fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(step("bind control socket"))?;
@@ -160,7 +161,8 @@ pub(crate) fn create_user_namespace(uid_base: u32, owner: u32) -> Result<OwnedFd
                             .into(),
                     });
                 }
-                let map = format!("0 {uid_base} {ID_RANGE}\n");
+                // The sandbox's ids, plus one for the init alone (see `INIT_ID`).
+                let map = format!("0 {uid_base} {ID_RANGE}\n{INIT_ID} {owner} 1\n");
                 fs::write(format!("/proc/{child}/uid_map"), &map).map_err(step("write uid_map"))?;
                 fs::write(format!("/proc/{child}/gid_map"), &map).map_err(step("write gid_map"))?;
                 let fd = fs::File::open(format!("/proc/{child}/ns/user"))
@@ -506,12 +508,109 @@ pub(crate) fn configure_uts_and_loopback() -> Result<()> {
     }
 }
 
-/// Init: becomes the sandbox's root (host uid `uid_base`) with no supplementary groups.
+/// Init: enters the runner's user namespace as [`INIT_ID`], keeping every capability in it.
+///
+/// The init is the only process with that id; executions and file operations run in the child
+/// namespace made by [`create_execution_namespace`], where it is not mapped.
 pub(crate) fn enter_user_namespace(userns: OwnedFd) -> Result<()> {
+    use rustix::thread::{CapabilitySets, capabilities, set_capabilities, set_keep_capabilities};
     setns(&userns, CloneFlags::CLONE_NEWUSER).map_err(step("enter user namespace"))?;
     setgroups(&[]).map_err(step("setgroups"))?;
-    setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(step("setresgid"))?;
-    setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(step("setresuid"))
+    set_keep_capabilities(true).map_err(step("keep capabilities"))?;
+    let id = (Uid::from_raw(INIT_ID), Gid::from_raw(INIT_ID));
+    setresgid(id.1, id.1, id.1).map_err(step("setresgid"))?;
+    setresuid(id.0, id.0, id.0).map_err(step("setresuid"))?;
+    // Leaving uid 0 cleared the effective set; the permitted one was kept.
+    let caps = capabilities(None).map_err(step("read capabilities"))?;
+    set_capabilities(
+        None,
+        CapabilitySets {
+            effective: caps.permitted,
+            permitted: caps.permitted,
+            inheritable: caps.inheritable,
+        },
+    )
+    .map_err(step("raise capabilities"))
+}
+
+/// Init: creates the user namespace executions and file operations run in: a child of the
+/// runner's namespace, owned by the init, mapping the sandbox's ids `0..ID_RANGE` one to one
+/// (so files keep their owners) and not the init's.
+pub(crate) fn create_execution_namespace() -> Result<OwnedFd> {
+    let (ready_r, ready_w) = pipe().map_err(step("execution namespace pipe"))?;
+    let (hold_r, hold_w) = pipe().map_err(step("execution namespace pipe"))?;
+    // SAFETY: the init is single-threaded; the child only makes raw system calls and exits.
+    match unsafe { fork() }.map_err(step("fork execution namespace holder"))? {
+        ForkResult::Child => {
+            drop(ready_r);
+            drop(hold_w);
+            // Dumpable, so that its /proc files (uid_map) belong to the init's id, not to the
+            // host's root.
+            let ok =
+                rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable)
+                    .is_ok()
+                    && unshare(CloneFlags::CLONE_NEWUSER).is_ok();
+            let _ = nix::unistd::write(&ready_w, if ok { b"1" } else { b"0" });
+            let mut buf = [0u8; 1];
+            let _ = nix::unistd::read(&hold_r, &mut buf);
+            // SAFETY: `_exit` ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => {
+            drop(ready_w);
+            drop(hold_r);
+            let mut buf = [0u8; 1];
+            let n = nix::unistd::read(&ready_r, &mut buf).map_err(step("execution namespace"))?;
+            let result = (|| {
+                if n != 1 || buf[0] != b'1' {
+                    return Err(StepError {
+                        step: "create execution namespace",
+                        message: "unshare(CLONE_NEWUSER) failed".into(),
+                    });
+                }
+                let map = format!("0 0 {ID_RANGE}\n");
+                fs::write(format!("/proc/{child}/uid_map"), &map)
+                    .map_err(step("write execution uid_map"))?;
+                fs::write(format!("/proc/{child}/gid_map"), &map)
+                    .map_err(step("write execution gid_map"))?;
+                let fd = fs::File::open(format!("/proc/{child}/ns/user"))
+                    .map_err(step("open execution namespace"))?;
+                Ok(OwnedFd::from(fd))
+            })();
+            drop(hold_w);
+            let _ = waitpid(child, None);
+            result
+        }
+    }
+}
+
+/// A child of the init (execution or file operation): enters the execution namespace as root,
+/// then as `user` unless `privileged`, not dumpable, and under the filter that also denies
+/// `setns`. Leaving root for `user` clears every capability.
+pub(crate) fn enter_execution_namespace(
+    userns: std::os::fd::BorrowedFd<'_>,
+    privileged: bool,
+) -> std::result::Result<(), String> {
+    fn fail(what: &'static str) -> impl Fn(nix::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    setns(userns, CloneFlags::CLONE_NEWUSER).map_err(fail("enter execution namespace"))?;
+    let ids = if privileged {
+        &[0][..]
+    } else {
+        &[0, USER_ID][..]
+    };
+    for &id in ids {
+        setgroups(&[]).map_err(fail("setgroups"))?;
+        setresgid(Gid::from_raw(id), Gid::from_raw(id), Gid::from_raw(id))
+            .map_err(fail("setresgid"))?;
+        setresuid(Uid::from_raw(id), Uid::from_raw(id), Uid::from_raw(id))
+            .map_err(fail("setresuid"))?;
+    }
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("set non-dumpable: {e}"))?;
+    let program = super::seccomp::setns_program().map_err(|e| e.to_string())?;
+    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))
 }
 
 /// Init: not dumpable (nobody in the runner can read its memory or `/proc/1/*`),
@@ -520,7 +619,8 @@ pub(crate) fn harden() -> Result<()> {
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(step("set non-dumpable"))?;
     rustix::thread::set_no_new_privs(true).map_err(step("no_new_privs"))?;
-    let programs = super::seccomp::programs().map_err(step("seccomp filter"))?;
+    // Without the `setns` rule, which its children still need once (they add it themselves).
+    let programs = super::seccomp::init_programs().map_err(step("seccomp filter"))?;
     super::seccomp::install(&programs).map_err(step("seccomp (kernel with CONFIG_SECCOMP_FILTER)"))
 }
 
