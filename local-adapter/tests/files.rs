@@ -101,15 +101,12 @@ async fn copied_files_are_root_owned_0744_and_listed_like_ls() {
     )
     .await;
     assert_eq!(o.out(), "relativeabsolute");
-    let cwd = f
+    // The helper's own /proc describes a host process: it is not served.
+    let own = f
         .executor
         .list_files(&r, &list("/proc/self/cwd", false, false))
-        .await
-        .unwrap();
-    assert_eq!(cwd.len(), 1);
-    assert_eq!(cwd[0].name, "/proc/self/cwd");
-    assert_eq!(cwd[0].entry_type, 'l');
-    assert_eq!(cwd[0].link_target.as_deref(), Some("/workspace"));
+        .await;
+    assert!(matches!(own, Err(FileError::NotFound)), "{own:?}");
     let init_cwd = f
         .executor
         .list_files(&r, &list("/proc/1/cwd", false, false))
@@ -460,7 +457,7 @@ async fn only_regular_files_are_downloaded_and_generated_ones_whole() {
         );
     }
     // Files in /proc have no size but content.
-    let status = read(&f, &r, "/proc/self/status", false).await.unwrap();
+    let status = read(&f, &r, "/proc/1/status", false).await.unwrap();
     assert!(String::from_utf8_lossy(&status).contains("Name:"));
     // An empty regular file is still a file.
     assert_eq!(
@@ -533,5 +530,106 @@ async fn a_file_bigger_than_the_runner_fails_by_name_and_the_others_are_written(
     }
     assert_eq!(read(&f, &r, "small.txt", false).await.unwrap(), b"small");
     assert_eq!(run(&f.executor, &r, "echo alive").await.out(), "alive\r\n");
+    f.destroy(&r).await;
+}
+
+/// Host paths a runner must never learn: the test binary (which is also the runners' helper and
+/// init, as the server binary is in production) and the data directory.
+fn host_paths(f: &Fixture) -> Vec<String> {
+    let exe = std::env::current_exe().unwrap();
+    let data = std::fs::canonicalize(f.dir.path()).unwrap();
+    vec![
+        exe.to_string_lossy().into_owned(),
+        exe.file_name().unwrap().to_string_lossy().into_owned(),
+        data.to_string_lossy().into_owned(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_file_api_never_serves_its_own_helper_process() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let plant = "ln -s /proc/self/exe exe; ln -s /proc/self/maps maps; ln -s /proc/self/map_files mf; \
+                 ln -s /proc/self/environ env; ln -s /proc/self/cmdline cmd; ln -s /proc/self pself; \
+                 ln -s /proc/thread-self tself";
+    assert_eq!(run(&f.executor, &r, plant).await.code(), Some(0));
+    let secrets = host_paths(&f);
+    for path in [
+        "exe",
+        "maps",
+        "env",
+        "cmd",
+        "pself/exe",
+        "pself/maps",
+        "pself/smaps",
+        "pself/mountinfo",
+        "tself/maps",
+        "/proc/self/exe",
+        "/proc/self/maps",
+        "/proc/self/numa_maps",
+        "/proc/self/environ",
+        "/proc/thread-self/maps",
+    ] {
+        for privileged in [false, true] {
+            match read(&f, &r, path, privileged).await {
+                Err(FileError::NotFound) => {}
+                Ok(content) => {
+                    assert!(
+                        !content.starts_with(b"\x7fELF"),
+                        "{path} downloads the host's binary"
+                    );
+                    let text = String::from_utf8_lossy(&content);
+                    for s in &secrets {
+                        assert!(!text.contains(s.as_str()), "{path} reveals {s}: {text}");
+                    }
+                }
+                Err(e) => panic!("{path}: {e}"),
+            }
+        }
+    }
+    for path in [
+        "mf/",
+        "pself/",
+        "pself/map_files/",
+        "/proc/self/",
+        "/proc/self/map_files/",
+        "/proc/thread-self/",
+        "/workspace/",
+    ] {
+        for (recursive, privileged) in [(false, false), (false, true), (true, true)] {
+            let Ok(entries) = f
+                .executor
+                .list_files(&r, &list(path, recursive, privileged))
+                .await
+            else {
+                continue;
+            };
+            let text = format!("{entries:?}");
+            for s in &secrets {
+                assert!(
+                    !text.contains(s.as_str()),
+                    "listing {path} reveals {s}: {text}"
+                );
+            }
+        }
+    }
+    f.destroy(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unprivileged_file_operations_have_no_capabilities() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let mut secret = request("echo s > /root/secret && chmod 600 /root/secret && echo made");
+    secret.privileged_execution = true;
+    assert_eq!(
+        run_with(&f.executor, &r, secret, None).await.out(),
+        "made\r\n"
+    );
+    assert!(matches!(
+        read(&f, &r, "/root/secret", false).await,
+        Err(FileError::NotFound)
+    ));
+    assert_eq!(read(&f, &r, "/root/secret", true).await.unwrap(), b"s\n");
     f.destroy(&r).await;
 }

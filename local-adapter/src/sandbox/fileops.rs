@@ -1,15 +1,21 @@
 //! File operations, run in a child of the init inside the runner's root with the request's
 //! credentials. Because they run inside the runner's mount namespace and root, a symlink or `..`
 //! planted by user code resolves inside the runner and can never reach the host.
+//!
+//! The helper is a fork of the server's binary, so its own `/proc/<pid>` describes the host
+//! (`exe` is the server binary, `maps` names host paths). Paths are therefore opened with
+//! `RESOLVE_NO_MAGICLINKS` (no `/proc/*/exe`, `fd/*`, `map_files/*`, `cwd`, `root` on the way)
+//! and anything inside the helper's own `/proc/<pid>` is answered as not found; listings walk
+//! directories by descriptor, so a directory swapped for a symlink cannot lead there either.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use nix::unistd::{Gid, Uid};
 
@@ -82,6 +88,40 @@ pub(crate) fn resolve(path: &str) -> String {
     } else {
         clean(&format!("{WORKSPACE}/{path}"))
     }
+}
+
+/// Opens `path` (absolute, inside the runner's root) without crossing a `/proc` magic link;
+/// `None` when it cannot be opened or lies in this helper's own `/proc/<pid>`.
+fn open_safely(path: &str, flags: rustix::fs::OFlags) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let fd = rustix::fs::openat2(
+        rustix::fs::CWD,
+        path,
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()?;
+    (!is_own_proc(&fd)).then_some(fd)
+}
+
+/// Whether `fd` is in procfs under this process's own `/proc/<pid>` (reached as `/proc/self`,
+/// `/proc/thread-self` or by number).
+fn is_own_proc(fd: &OwnedFd) -> bool {
+    match rustix::fs::fstatfs(fd) {
+        Ok(fs) if fs.f_type == rustix::fs::PROC_SUPER_MAGIC => {}
+        Ok(_) => return false,
+        Err(_) => return true,
+    }
+    let Ok(target) = fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(fd)
+    )) else {
+        return true;
+    };
+    let own = format!("/proc/{}", std::process::id());
+    let target = target.to_string_lossy();
+    target == own || target.starts_with(&format!("{own}/"))
 }
 
 fn errno_text(e: &io::Error) -> String {
@@ -224,6 +264,10 @@ fn open_target(client_path: &str) -> Result<Option<fs::File>, String> {
         }
         Err(e) => return Err(format!("Cannot open: {}", errno_text(&e))),
     };
+    // Nothing of the helper's own process (or any other's) is written through the file API.
+    if rustix::fs::fstatfs(&file).map_or(true, |fs| fs.f_type == rustix::fs::PROC_SUPER_MAGIC) {
+        return Err("Cannot open: Operation not permitted".into());
+    }
     Ok(Some(file))
 }
 
@@ -282,36 +326,65 @@ struct Lister {
     bytes: usize,
 }
 
-impl Lister {
-    fn entry(&self, name: String, path: &Path, meta: &fs::Metadata) -> Entry {
-        let mode = meta.mode();
-        let kind = entry_type(mode);
-        let link_target = if kind == 'l' {
-            fs::read_link(path)
+/// The `ls -l` facts of one file, from its `stat` and (for a link) its target.
+struct Facts {
+    mode: u32,
+    size: u64,
+    mtime: i64,
+    uid: u32,
+    gid: u32,
+    link_target: Option<String>,
+}
+
+impl Facts {
+    /// `name` in the directory `dir`, not following a final symlink.
+    fn at(dir: &OwnedFd, name: &str) -> Option<Facts> {
+        let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let mut facts = Facts::from_stat(&st);
+        if entry_type(facts.mode) == 'l' {
+            facts.link_target = rustix::fs::readlinkat(dir, name, Vec::new())
                 .ok()
-                .map(|t| t.to_string_lossy().into_owned())
-        } else {
-            None
-        };
+                .map(|t| t.to_string_lossy().into_owned());
+        }
+        Some(facts)
+    }
+
+    fn from_stat(st: &rustix::fs::Stat) -> Facts {
+        Facts {
+            mode: st.st_mode,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime: st.st_mtime,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            link_target: None,
+        }
+    }
+}
+
+impl Lister {
+    fn entry(&self, name: String, facts: Facts) -> Entry {
         let id_name = |map: &HashMap<u32, String>, id: u32| {
             map.get(&id).cloned().unwrap_or_else(|| id.to_string())
         };
         Entry {
             name,
-            entry_type: kind,
-            link_target,
-            size: meta.size(),
-            modification_time: meta.mtime(),
-            permissions: permissions(mode),
-            owner: id_name(&self.users, meta.uid()),
-            group: id_name(&self.groups, meta.gid()),
+            entry_type: entry_type(facts.mode),
+            link_target: facts.link_target,
+            size: facts.size,
+            modification_time: facts.mtime,
+            permissions: permissions(facts.mode),
+            owner: id_name(&self.users, facts.uid),
+            group: id_name(&self.groups, facts.gid),
         }
     }
 
-    fn dir(&mut self, dir: &Path, prefix: &str, recursive: bool) -> io::Result<()> {
-        let mut names: Vec<String> = fs::read_dir(dir)?
+    /// Lists the open directory `dir`, descending through real subdirectories only (opened
+    /// relative to it, never through a symlink or a magic link).
+    fn dir(&mut self, dir: OwnedFd, prefix: &str, recursive: bool) -> io::Result<()> {
+        use rustix::fs::{OFlags, ResolveFlags};
+        let mut names: Vec<String> = rustix::fs::Dir::read_from(&dir)?
             .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|e| e.file_name().to_str().ok().map(str::to_string))
             .filter(|n| !n.starts_with('.'))
             .collect();
         names.sort();
@@ -320,20 +393,31 @@ impl Lister {
             if self.entries.len() >= MAX_ENTRIES || self.bytes >= MAX_LISTING_BYTES {
                 break;
             }
-            let p = dir.join(&n);
-            let Ok(meta) = fs::symlink_metadata(&p) else {
+            let Some(facts) = Facts::at(&dir, &n) else {
                 continue;
             };
-            if meta.is_dir() {
+            if entry_type(facts.mode) == 'd' {
                 subdirs.push(n.clone());
             }
-            let e = self.entry(format!("{prefix}{n}"), &p, &meta);
+            let e = self.entry(format!("{prefix}{n}"), facts);
             self.bytes += 64 + e.name.len() + e.link_target.as_ref().map_or(0, String::len);
             self.entries.push(e);
         }
         if recursive {
             for n in subdirs {
-                let _ = self.dir(&dir.join(&n), &format!("{prefix}{n}/"), true);
+                let Ok(sub) = rustix::fs::openat2(
+                    &dir,
+                    n.as_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                    ResolveFlags::NO_MAGICLINKS | ResolveFlags::BENEATH,
+                ) else {
+                    continue;
+                };
+                if is_own_proc(&sub) {
+                    continue;
+                }
+                let _ = self.dir(sub, &format!("{prefix}{n}/"), true);
             }
         }
         Ok(())
@@ -341,14 +425,18 @@ impl Lister {
 }
 
 fn list(client_path: &str, recursive: bool) -> Response {
-    let path = PathBuf::from(resolve(client_path));
+    use rustix::fs::OFlags;
+    let path = resolve(client_path);
     let follow = client_path.ends_with('/') || client_path.is_empty();
-    let meta = if follow {
-        fs::metadata(&path)
+    let flags = if follow {
+        OFlags::PATH
     } else {
-        fs::symlink_metadata(&path)
+        OFlags::PATH | OFlags::NOFOLLOW
     };
-    let Ok(meta) = meta else {
+    let Some(target) = open_safely(&path, flags) else {
+        return Response::NotFound;
+    };
+    let Ok(st) = rustix::fs::fstat(&target) else {
         return Response::NotFound;
     };
     let mut lister = Lister {
@@ -357,17 +445,32 @@ fn list(client_path: &str, recursive: bool) -> Response {
         entries: Vec::new(),
         bytes: 0,
     };
-    if meta.is_dir() {
+    if entry_type(st.st_mode) == 'd' {
         let prefix = if client_path.ends_with('/') || client_path.is_empty() {
             client_path.to_string()
         } else {
             format!("{client_path}/")
         };
-        if lister.dir(&path, &prefix, recursive).is_err() {
+        // Reopened through the descriptor already checked, so the listed directory is that one.
+        let Ok(dir) = rustix::fs::openat(
+            &target,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) else {
+            return Response::NotFound;
+        };
+        if lister.dir(dir, &prefix, recursive).is_err() {
             return Response::NotFound;
         }
     } else {
-        let e = lister.entry(client_path.to_string(), &path, &meta);
+        let mut facts = Facts::from_stat(&st);
+        if entry_type(facts.mode) == 'l' {
+            facts.link_target = rustix::fs::readlinkat(&target, "", Vec::new())
+                .ok()
+                .map(|t| t.to_string_lossy().into_owned());
+        }
+        let e = lister.entry(client_path.to_string(), facts);
         lister.entries.push(e);
     }
     Response::Listing {
@@ -381,14 +484,12 @@ const MAX_UNSIZED_FILE: u64 = 1 << 20;
 /// Sends a regular file. Anything else (directories, FIFOs, devices, sockets) is not a file to
 /// download: opening a FIFO would wait for a writer and a device may never end.
 fn read(conn: &mut UnixStream, client_path: &str) -> Response {
+    use rustix::fs::OFlags;
     let path = resolve(client_path);
-    let Ok(file) = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&path)
-    else {
+    let Some(file) = open_safely(&path, OFlags::RDONLY | OFlags::NONBLOCK) else {
         return Response::NotFound;
     };
+    let file = fs::File::from(file);
     let Ok(meta) = file.metadata() else {
         return Response::NotFound;
     };

@@ -275,6 +275,15 @@ fn overlay_options(layer: &Path, lower: &str, upper: &str, work: &str) -> Result
     Ok(format!("lowerdir={lower},upperdir={upper},workdir={work}"))
 }
 
+/// Options of a read-only overlay whose only content is `lower`, a directory in the writable
+/// layer `layer` (named relatively, see `overlay_options`). Without an upper layer overlayfs
+/// wants two lower ones: the second is an empty directory.
+fn read_only_overlay_options(layer: &Path, lower: &str) -> Result<String> {
+    mkdir_owned(&layer.join("empty"), 0o755, 0)?;
+    nix::unistd::chdir(layer).map_err(step("enter the writable layer"))?;
+    Ok(format!("lowerdir={lower}:empty"))
+}
+
 /// Init: builds the root filesystem under `spec.staging` and returns the new root's path.
 ///
 /// The staging mount point holds one size-limited tmpfs: the runner's whole writable layer
@@ -284,7 +293,7 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
     let user = base + USER_ID;
     let layer = &spec.staging;
     mount_fs(
-        "poseidon-layer",
+        "none",
         layer,
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -318,8 +327,21 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
                     let link = fs::read_link(dir).map_err(step("read host symlink"))?;
                     symlink(&link, &target).map_err(step("copy host symlink"))?;
                 } else if meta.is_dir() {
+                    // The ID-mapped bind stays outside the runner's root, under a read-only
+                    // overlay: a bind in the root would show the host's block device (name and
+                    // number) and filesystem options in the runner's mountinfo.
+                    let name = format!("host-{}", rel.to_string_lossy().replace('/', "-"));
+                    let lower = layer.join(&name);
+                    mkdir_owned(&lower, 0o700, 0)?;
+                    idmapped_bind(dir, &lower, userns)?;
                     mkdir_owned(&target, 0o755, base)?;
-                    idmapped_bind(dir, &target, userns)?;
+                    mount_fs(
+                        "overlay",
+                        &target,
+                        "overlay",
+                        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                        &read_only_overlay_options(layer, &name)?,
+                    )?;
                 }
             }
             let lower = layer.join("etc-lower");
@@ -340,7 +362,7 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
             let etc_dir = root.join("etc");
             mkdir_owned(&etc_dir, 0o755, base)?;
             mount_fs(
-                "poseidon-etc",
+                "overlay",
                 &etc_dir,
                 "overlay",
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -357,7 +379,7 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
             mkdir_owned(&root, 0o755, base)?;
             idmapped_bind(dir, &lower, userns)?;
             mount_fs(
-                "poseidon-root",
+                "overlay",
                 &root,
                 "overlay",
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -400,32 +422,48 @@ pub(crate) fn build_root(spec: &SandboxSpec, userns: &OwnedFd) -> Result<PathBuf
     Ok(root)
 }
 
-/// Init: a minimal `/dev`: the harmless character devices bound from the host, a private
-/// devpts instance, and a size-limited `/dev/shm`.
+/// Init: a minimal `/dev`: the harmless character devices, a private devpts instance, and a
+/// size-limited `/dev/shm`. Devices are made rather than bound from the host's `/dev`, and the
+/// tmpfs mounts are given to the sandbox's root by `chown` rather than by `uid=`/`gid=`
+/// options: the runner's mountinfo shows both (the host's devtmpfs with its size, host ids).
 fn build_dev(spec: &SandboxSpec, dev: &Path) -> Result<()> {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     let base = spec.uid_base;
     mount_fs(
-        "poseidon-dev",
+        "none",
         dev,
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        &format!("size=1m,mode=0755,uid={base},gid={base}"),
+        "size=1m,mode=0755",
     )?;
-    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+    chown(dev, Some(Uid::from_raw(base)), Some(Gid::from_raw(base))).map_err(step("chown /dev"))?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
         let target = dev.join(name);
-        fs::File::create(&target).map_err(step("create device node"))?;
-        let source = Path::new("/dev").join(name);
-        mount(
-            Some(&source),
+        mknod(
             &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
         )
         .map_err(|e| StepError {
-            step: "bind device",
-            message: format!("{}: {e}", source.display()),
+            step: "create device node",
+            message: format!("{}: {e}", target.display()),
         })?;
+        // mknod applies the umask.
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o666)).map_err(step("chmod"))?;
+        chown(
+            &target,
+            Some(Uid::from_raw(base)),
+            Some(Gid::from_raw(base)),
+        )
+        .map_err(step("chown device node"))?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -448,15 +486,14 @@ fn build_dev(spec: &SandboxSpec, dev: &Path) -> Result<()> {
     let shm = dev.join("shm");
     mkdir_owned(&shm, 0o1777, base)?;
     mount_fs(
-        "shm",
+        "none",
         &shm,
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        &format!(
-            "size={}m,mode=1777,uid={base},gid={base}",
-            spec.shm_limit_mb.max(1)
-        ),
-    )
+        &format!("size={}m,mode=1777", spec.shm_limit_mb.max(1)),
+    )?;
+    chown(&shm, Some(Uid::from_raw(base)), Some(Gid::from_raw(base)))
+        .map_err(step("chown /dev/shm"))
 }
 
 /// Init: makes `new_root` the root and detaches the host's tree entirely.
