@@ -324,18 +324,15 @@ async fn listing_the_file_system() {
     assert_eq!(entries[0]["owner"], "root");
     assert_eq!(entries[0]["group"], "root");
     assert_eq!(entries[0]["permissions"], "rwxr--r--");
-    let listing: Value = e
+    // The file helper's own /proc describes a host process (a fork of this server): never
+    // served (issue 9 item 5).
+    let own = e
         .client
         .get(format!("{files}?path=/proc/self/cwd&recursive=false"))
         .send()
         .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
-    let link = &listing["files"][0];
-    assert_eq!(link["entryType"], "l", "{listing}");
-    assert_eq!(link["linkTarget"], "/workspace", "{listing}");
+        .expect("list");
+    assert_eq!(own.status(), 424);
 }
 
 #[tokio::test]
