@@ -83,6 +83,13 @@ pub trait CgroupDriver: Send + Sync + fmt::Debug {
     /// Kills every process left in the runner's cgroup and removes it; succeeds when it is gone.
     fn destroy(&self, runner: &str) -> Result<(), LocalError>;
 
+    /// Thaws every cgroup of the runner that is frozen, without killing anything.
+    ///
+    /// A frozen process cannot die, and a pid namespace's init cannot finish exiting while any
+    /// process of its namespace is left: an init killed while it had an execution frozen (to
+    /// kill that execution's tree) hangs until this is called. Cheap and idempotent.
+    fn thaw(&self, runner: &str);
+
     /// The runners that have a cgroup under this instance (to find leftovers).
     fn runners(&self) -> Vec<String>;
 
@@ -300,6 +307,19 @@ impl CgroupDriver for V1Driver {
         Ok(())
     }
 
+    fn thaw(&self, runner: &str) {
+        let freezer = self.dir("freezer", runner);
+        for dir in tree_deepest_first(&freezer) {
+            let state = dir.join("freezer.state");
+            match fs::read_to_string(&state) {
+                Ok(s) if s.trim() != "THAWED" => {
+                    let _ = fs::write(&state, "THAWED");
+                }
+                _ => {}
+            }
+        }
+    }
+
     fn runners(&self) -> Vec<String> {
         let mut all: Vec<String> = V1_CONTROLLERS
             .iter()
@@ -391,6 +411,9 @@ impl CgroupDriver for V2Driver {
         remove_tree(&dir, Duration::from_secs(5))
     }
 
+    /// Executions are killed with `cgroup.kill` here; nothing is ever frozen.
+    fn thaw(&self, _: &str) {}
+
     fn runners(&self) -> Vec<String> {
         list_dirs(&self.base)
     }
@@ -430,6 +453,8 @@ impl CgroupDriver for NoCgroups {
     fn destroy(&self, _: &str) -> Result<(), LocalError> {
         Ok(())
     }
+
+    fn thaw(&self, _: &str) {}
 
     fn runners(&self) -> Vec<String> {
         Vec::new()

@@ -42,6 +42,10 @@ use crate::rootfs;
 use crate::sandbox::{ID_RANGE, MARKER, RootSpec, SandboxSpec};
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a runner's init may take to exit after SIGKILL before teardown goes on without it.
+const INIT_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for teardowns still running in the background.
+const SHUTDOWN_TEARDOWN_WAIT: Duration = Duration::from_secs(15);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the main process exited, output still arriving is forwarded until the pipes are quiet
 /// this long (background processes may keep them open).
@@ -102,6 +106,10 @@ struct Inner {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<BackendEvent>>>,
     /// Runner networking, once started (it is optional: without it runners have loopback only).
     network: std::sync::OnceLock<HostNetwork>,
+    /// Runners destroyed but not yet torn down (their teardown runs in the background).
+    tearing_down: Mutex<HashSet<RunnerId>>,
+    /// How many background teardowns are running, for shutdown to wait for them.
+    teardowns: tokio::sync::watch::Sender<usize>,
 }
 
 /// The local sandbox backend. Cheap to clone; all clones share the same runners.
@@ -429,6 +437,8 @@ impl LocalExecutor {
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
             network: std::sync::OnceLock::new(),
+            tearing_down: Mutex::new(HashSet::new()),
+            teardowns: tokio::sync::watch::Sender::new(0),
         });
         inner.recover()?;
         Ok(LocalExecutor { inner })
@@ -436,7 +446,19 @@ impl LocalExecutor {
 
     /// Leaves every runner running (the next start reattaches to them) and closes the store
     /// cleanly, so the next start trusts its idle records.
+    ///
+    /// Teardowns of destroyed runners still running in the background are waited for first
+    /// (bounded; one cut short is completed by the next start).
     pub async fn shutdown(&self) {
+        if tokio::time::timeout(SHUTDOWN_TEARDOWN_WAIT, self.teardowns_finished())
+            .await
+            .is_err()
+        {
+            warn!(
+                pending = *self.inner.teardowns.borrow(),
+                "runner teardowns still running at shutdown; the next start completes them"
+            );
+        }
         if lock(&self.inner.runners).is_empty()
             && let Some(network) = self.inner.network.get()
         {
@@ -455,6 +477,13 @@ impl LocalExecutor {
             Ok(Err(e)) => error!(error = %e, "closing the state store failed"),
             Err(e) => error!(error = %e, "closing the state store failed"),
         }
+    }
+
+    /// Resolves once no destroyed runner is being torn down in the background any more (its
+    /// processes gone, its cgroups, socket, record and network removed).
+    pub async fn teardowns_finished(&self) {
+        let mut rx = self.inner.teardowns.subscribe();
+        let _ = rx.wait_for(|running| *running == 0).await;
     }
 
     /// The runner's network namespace (`/proc/<init pid>/ns/net`), owned by the host's root, for
@@ -525,18 +554,21 @@ impl Inner {
                     self.watch(runner);
                 }
                 h => {
-                    info!(runner_id = %record.id, "runner did not survive; cleaning up");
-                    if let Some(h) = &h {
-                        kill_init(h);
-                        let _ = std::fs::remove_file(&h.socket);
+                    // Also a runner whose destruction a crash cut short: its socket is gone
+                    // (removed when it was destroyed), so it no longer answers.
+                    info!(runner_id = %record.id, environment_id = %record.environment, "runner did not survive; cleaning up");
+                    if let Err(e) = self.teardown(&record.id, h.as_ref()) {
+                        warn!(runner_id = %record.id, environment_id = %record.environment, error = %e, "cannot clean up the runner");
+                        self.store
+                            .remove_runner(&record.id)
+                            .map_err(|e| LocalError::Store(e.to_string()))?;
                     }
-                    let _ = self.driver.destroy(record.id.as_str());
-                    self.store
-                        .remove_runner(&record.id)
-                        .map_err(|e| LocalError::Store(e.to_string()))?;
                 }
             }
         }
+        // Cgroups without a live record: runners whose creation or destruction a crash cut
+        // short. Destroying the cgroup also kills an init still running in it (with its whole
+        // namespace), record or not.
         for leftover in self.driver.runners() {
             if !attached.contains(&leftover) {
                 info!(runner_id = %leftover, "removing leftover cgroup");
@@ -595,10 +627,18 @@ impl Inner {
             } else {
                 DestroyReason::Stopped("the runner's init process exited".into())
             };
-            warn!(runner_id = %runner.id, reason = %reason, "runner stopped on its own");
+            warn!(runner_id = %runner.id, environment_id = %runner.environment, reason = %reason, "runner stopped on its own");
             let id = runner.id.clone();
             let cleanup = inner.clone();
-            let _ = tokio::task::spawn_blocking(move || cleanup.teardown(&runner)).await;
+            runner
+                .destroying
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            match blocking(move || cleanup.teardown(&runner.id, Some(&runner.handle))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) | Err(e) => {
+                    warn!(runner_id = %id, error = %e, "cleaning up a stopped runner failed; the next start removes what is left");
+                }
+            }
             lock(&inner.runners).remove(&id);
             if let Some(network) = inner.network.get() {
                 network.detach(&id).await;
@@ -609,17 +649,74 @@ impl Inner {
         });
     }
 
-    /// Kills the runner's init (and with it the whole pid namespace), removes its cgroups,
-    /// socket and record.
-    fn teardown(&self, runner: &Runner) -> Result<(), BackendError> {
-        runner
-            .destroying
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        kill_init(&runner.handle);
-        let _ = std::fs::remove_file(&runner.handle.socket);
-        let cg = self.driver.destroy(runner.id.as_str());
-        self.store.remove_runner(&runner.id).map_err(internal)?;
+    /// Kills the runner's init (and with it the whole pid namespace), waits for it, then removes
+    /// its cgroups, socket and record. Blocking; may take a while (see [`Inner::await_init_exit`]).
+    fn teardown(&self, id: &RunnerId, handle: Option<&Handle>) -> Result<(), BackendError> {
+        if let Some(handle) = handle {
+            signal_init(handle);
+            let _ = std::fs::remove_file(&handle.socket);
+            self.await_init_exit(id, handle);
+        }
+        let cg = self.driver.destroy(id.as_str());
+        self.store.remove_runner(id).map_err(internal)?;
         cg.map_err(internal)
+    }
+
+    /// Waits (bounded) until the killed init is gone, reaping it when it is our child.
+    ///
+    /// An init dies only once every process of its pid namespace has, and a frozen process
+    /// cannot die: when the init was killed while it had an execution's cgroup frozen (it
+    /// freezes one to kill an execution's tree, e.g. after a time limit or a closed socket), that
+    /// cgroup stays frozen and the init hangs in its exit. So the runner's cgroups are thawed
+    /// first, and again while waiting (the init may have frozen one a moment after the first
+    /// thaw, in the system call it was in when the signal came).
+    fn await_init_exit(&self, id: &RunnerId, handle: &Handle) {
+        const THAW_EVERY: Duration = Duration::from_millis(50);
+        let started = Instant::now();
+        let mut next_thaw = started;
+        loop {
+            if init_gone(handle) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= started + INIT_EXIT_TIMEOUT {
+                warn!(runner_id = %id, pid = handle.pid, "the runner's init did not exit after SIGKILL");
+                return;
+            }
+            if now >= next_thaw {
+                self.driver.thaw(id.as_str());
+                next_thaw = now + THAW_EVERY;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Tears `runner` down in the background (see [`LocalExecutor::teardowns_finished`]).
+    fn spawn_teardown(self: &Arc<Self>, runner: Arc<Runner>) {
+        lock(&self.tearing_down).insert(runner.id.clone());
+        self.teardowns.send_modify(|running| *running += 1);
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (work, r) = (inner.clone(), runner.clone());
+            let result = blocking(move || work.teardown(&r.id, Some(&r.handle)))
+                .await
+                .and_then(|r| r);
+            if let Some(network) = inner.network.get() {
+                network.detach(&runner.id).await;
+            }
+            let took_ms = started.elapsed().as_millis() as u64;
+            match result {
+                Ok(()) => {
+                    debug!(runner_id = %runner.id, environment_id = %runner.environment, took_ms, "runner torn down");
+                }
+                Err(e) => {
+                    warn!(runner_id = %runner.id, environment_id = %runner.environment, took_ms, error = %e, "tearing down the runner failed; the next start removes what is left");
+                }
+            }
+            lock(&inner.tearing_down).remove(&runner.id);
+            inner.teardowns.send_modify(|running| *running -= 1);
+        });
     }
 
     fn limits(&self, spec: &EnvironmentSpec) -> Limits {
@@ -671,7 +768,6 @@ impl Inner {
     }
 }
 
-/// SIGKILL to a runner's init (only if the pid still is that init) and a short wait for it.
 /// Rewrites a runner's record after its network changed on reattachment.
 fn update_network(store: &StateStore, id: &RunnerId, handle: &Handle) -> Result<(), BackendError> {
     let Some(mut record) = store.runner(id).map_err(internal)? else {
@@ -686,26 +782,25 @@ fn update_network(store: &StateStore, id: &RunnerId, handle: &Handle) -> Result<
     store.put_runner(&record).map_err(internal)
 }
 
-fn kill_init(handle: &Handle) {
-    if !is_alive(handle) {
-        return;
+/// SIGKILL to a runner's init, only if the pid still is that init. Does not wait.
+fn signal_init(handle: &Handle) {
+    if is_alive(handle) {
+        let pid = nix::unistd::Pid::from_raw(handle.pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Whether the runner's init is gone: reaped here when it is our child (we are the subreaper
+/// of the inits we started), else exited, a zombie of someone else, or its pid reused.
+fn init_gone(handle: &Handle) -> bool {
+    if start_time(handle.pid) != Some(handle.start_time) {
+        return true;
     }
     let pid = nix::unistd::Pid::from_raw(handle.pid);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    // Reap it when it is our child (we are the subreaper of the inits we started); otherwise
-    // wait until it is gone or a zombie of someone else.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
-            Ok(_) => return,
-            Err(_) => {
-                if has_exited(handle) {
-                    return;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+        Ok(nix::sys::wait::WaitStatus::StillAlive) => false,
+        Ok(_) => true,
+        Err(_) => has_exited(handle),
     }
 }
 
@@ -851,16 +946,8 @@ impl ExecutorApi for LocalExecutor {
             match self.connect_network(&id, &handle, spec).await {
                 Ok(network) => handle.network = Some(network),
                 Err(e) => {
-                    let runner = Runner {
-                        id: id.clone(),
-                        environment: spec.id,
-                        handle,
-                        recovered: false,
-                        destroying: false.into(),
-                        died_of_oom: std::sync::OnceLock::new(),
-                    };
-                    let inner2 = inner.clone();
-                    let _ = blocking(move || inner2.teardown(&runner)).await;
+                    let (inner2, id2) = (inner.clone(), id.clone());
+                    let _ = blocking(move || inner2.teardown(&id2, Some(&handle))).await;
                     return Err(e);
                 }
             }
@@ -888,7 +975,7 @@ impl ExecutorApi for LocalExecutor {
         let store = inner.store.clone();
         if let Err(e) = blocking(move || store.put_runner(&record)).await? {
             let (inner2, r) = (inner.clone(), runner.clone());
-            let _ = blocking(move || inner2.teardown(&r)).await;
+            let _ = blocking(move || inner2.teardown(&r.id, Some(&r.handle))).await;
             self.disconnect_network(&id).await;
             return Err(internal(e));
         }
@@ -908,19 +995,29 @@ impl ExecutorApi for LocalExecutor {
         reason: &DestroyReason,
     ) -> Result<(), BackendError> {
         let found = lock(&self.inner.runners).remove(runner);
-        let inner = self.inner.clone();
-        let id = runner.clone();
-        debug!(runner_id = %id, reason = %reason, "destroying runner");
-        let result = blocking(move || match found {
-            Some(r) => inner.teardown(&r),
-            None => {
+        let Some(r) = found else {
+            if lock(&self.inner.tearing_down).contains(runner) {
+                return Ok(());
+            }
+            // Unknown here: remove whatever an earlier run may have left of it.
+            let (inner, id) = (self.inner.clone(), runner.clone());
+            return blocking(move || {
                 let _ = inner.driver.destroy(id.as_str());
                 inner.store.remove_runner(&id).map_err(internal)
-            }
-        })
-        .await?;
-        self.disconnect_network(runner).await;
-        result
+            })
+            .await?;
+        };
+        debug!(runner_id = %r.id, environment_id = %r.environment, reason = %reason, "destroying runner");
+        // The runner is unusable from here on: out of the map, its init killed and its socket
+        // gone, so neither this process nor a next start after a crash can reach it (a record
+        // whose init does not answer is cleaned up at start). Waiting for the init to exit and
+        // removing cgroups, record and network take longer: the caller does not wait for that.
+        r.destroying
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        signal_init(&r.handle);
+        let _ = std::fs::remove_file(&r.handle.socket);
+        self.inner.spawn_teardown(r);
+        Ok(())
     }
 
     async fn record_activity(
