@@ -96,6 +96,9 @@ pub trait CgroupDriver: Send + Sync + fmt::Debug {
     /// Whether the kernel killed a process of the runner for memory.
     fn oom_killed(&self, runner: &str) -> bool;
 
+    /// Whether a fork in the runner was ever refused for its process limit (`pids.events`).
+    fn process_limit_hit(&self, runner: &str) -> bool;
+
     /// Removes the instance directory when no runner cgroup is left in it.
     fn remove_instance_if_empty(&self);
 }
@@ -337,6 +340,10 @@ impl CgroupDriver for V1Driver {
         ) > 0
     }
 
+    fn process_limit_hit(&self, runner: &str) -> bool {
+        counter(&self.dir("pids", runner).join("pids.events"), "max") > 0
+    }
+
     fn remove_instance_if_empty(&self) {
         for c in V1_CONTROLLERS {
             let _ = fs::remove_dir(self.root.join(c).join(&self.instance));
@@ -422,6 +429,10 @@ impl CgroupDriver for V2Driver {
         counter(&self.base.join(runner).join("memory.events"), "oom_kill") > 0
     }
 
+    fn process_limit_hit(&self, runner: &str) -> bool {
+        counter(&self.base.join(runner).join("pids.events"), "max") > 0
+    }
+
     fn remove_instance_if_empty(&self) {
         if self.runners().is_empty() {
             let _ = remove_tree(&self.base, Duration::ZERO);
@@ -461,6 +472,10 @@ impl CgroupDriver for NoCgroups {
     }
 
     fn oom_killed(&self, _: &str) -> bool {
+        false
+    }
+
+    fn process_limit_hit(&self, _: &str) -> bool {
         false
     }
 

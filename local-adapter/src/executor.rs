@@ -82,8 +82,40 @@ struct Runner {
     /// Found alive at start-up (its idle record may be stale after a crash).
     recovered: bool,
     destroying: std::sync::atomic::AtomicBool,
-    /// Set when the init died on its own: whether the runner was killed for memory.
-    died_of_oom: std::sync::OnceLock<bool>,
+    /// Set when the init died on its own: why.
+    died: std::sync::OnceLock<DestroyReason>,
+    /// Set once its full process table was reported (the runner is being replaced).
+    process_limit: std::sync::atomic::AtomicBool,
+}
+
+impl Runner {
+    fn new(id: RunnerId, environment: EnvironmentId, handle: Handle, recovered: bool) -> Self {
+        Self {
+            id,
+            environment,
+            handle,
+            recovered,
+            destroying: false.into(),
+            died: std::sync::OnceLock::new(),
+            process_limit: false.into(),
+        }
+    }
+}
+
+/// Reports once that `runner`'s process table is full: the manager destroys it with
+/// [`DestroyReason::ProcessLimitReached`] and refills its pool.
+fn report_process_limit(events: &mpsc::UnboundedSender<BackendEvent>, runner: &Runner) {
+    if runner
+        .process_limit
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    warn!(runner_id = %runner.id, environment_id = %runner.environment, "the runner's process table is full: nothing can be started in it; replacing it");
+    let _ = events.send(BackendEvent::RunnerStopped {
+        runner: runner.id.clone(),
+        reason: DestroyReason::ProcessLimitReached,
+    });
 }
 
 #[derive(Debug)]
@@ -520,6 +552,12 @@ impl LocalExecutor {
         }
     }
 
+    /// A file operation found the runner's process table full (its init could not fork).
+    fn file_op_process_limit(&self, runner: &Runner) -> FileError {
+        report_process_limit(&self.inner.events_tx, runner);
+        internal(DestroyReason::ProcessLimitReached).into()
+    }
+
     fn runner(&self, id: &RunnerId) -> Result<Arc<Runner>, BackendError> {
         lock(&self.inner.runners)
             .get(id)
@@ -542,14 +580,8 @@ impl Inner {
                 Some(h) if is_alive(&h) && ping(&h.socket) => {
                     info!(runner_id = %record.id, environment_id = %record.environment, "reattached to runner");
                     attached.insert(record.id.to_string());
-                    let runner = Arc::new(Runner {
-                        id: record.id.clone(),
-                        environment: record.environment,
-                        handle: h,
-                        recovered: true,
-                        destroying: false.into(),
-                        died_of_oom: std::sync::OnceLock::new(),
-                    });
+                    let runner =
+                        Arc::new(Runner::new(record.id.clone(), record.environment, h, true));
                     lock(&self.runners).insert(record.id.clone(), runner.clone());
                     self.watch(runner);
                 }
@@ -620,25 +652,22 @@ impl Inner {
             if runner.destroying.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
-            let oom = inner.driver.oom_killed(runner.id.as_str());
-            let _ = runner.died_of_oom.set(oom);
-            let reason = if oom {
-                DestroyReason::OomKilled
-            } else {
-                DestroyReason::Stopped("the runner's init process exited".into())
-            };
-            warn!(runner_id = %runner.id, environment_id = %runner.environment, reason = %reason, "runner stopped on its own");
             let id = runner.id.clone();
             let cleanup = inner.clone();
-            runner
-                .destroying
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            match blocking(move || cleanup.teardown(&runner.id, Some(&runner.handle))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) | Err(e) => {
-                    warn!(runner_id = %id, error = %e, "cleaning up a stopped runner failed; the next start removes what is left");
+            let reason = blocking(move || {
+                let reason = cleanup.why_init_died(&runner);
+                let _ = runner.died.set(reason.clone());
+                warn!(runner_id = %runner.id, environment_id = %runner.environment, reason = %reason, "runner stopped on its own");
+                runner
+                    .destroying
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Err(e) = cleanup.teardown(&runner.id, Some(&runner.handle)) {
+                    warn!(runner_id = %runner.id, error = %e, "cleaning up a stopped runner failed; the next start removes what is left");
                 }
-            }
+                reason
+            })
+            .await
+            .unwrap_or_else(|e| DestroyReason::Stopped(e.to_string()));
             lock(&inner.runners).remove(&id);
             if let Some(network) = inner.network.get() {
                 network.detach(&id).await;
@@ -647,6 +676,34 @@ impl Inner {
                 .events_tx
                 .send(BackendEvent::RunnerStopped { runner: id, reason });
         });
+    }
+
+    /// Why the runner's init, which has exited, died. Reaps it when it is our child: an init
+    /// that exited by itself was not killed for memory, whatever else in the runner was
+    /// (a single process killed for memory in a surviving runner counts in the same cgroup).
+    /// Blocking.
+    fn why_init_died(&self, runner: &Runner) -> DestroyReason {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let pid = nix::unistd::Pid::from_raw(runner.handle.pid);
+        let status = if start_time(runner.handle.pid) == Some(runner.handle.start_time) {
+            waitpid(pid, Some(WaitPidFlag::WNOHANG)).ok()
+        } else {
+            None
+        };
+        let killed = match status {
+            Some(WaitStatus::Exited(..)) => false,
+            Some(WaitStatus::Signaled(_, signal, _)) => signal == nix::sys::signal::SIGKILL,
+            // Not our child (e.g. after a restart): only the counters tell.
+            _ => true,
+        };
+        let id = runner.id.as_str();
+        if killed && self.driver.oom_killed(id) {
+            DestroyReason::OomKilled
+        } else if self.driver.process_limit_hit(id) {
+            DestroyReason::ProcessLimitReached
+        } else {
+            DestroyReason::Stopped(format!("the runner's init process exited ({status:?})"))
+        }
     }
 
     /// Kills the runner's init (and with it the whole pid namespace), waits for it, then removes
@@ -964,14 +1021,7 @@ impl ExecutorApi for LocalExecutor {
             mapped_ports: mapped_ports.clone(),
             backend_data: serde_json::to_vec(&handle).map_err(internal)?,
         };
-        let runner = Arc::new(Runner {
-            id: id.clone(),
-            environment: spec.id,
-            handle,
-            recovered: false,
-            destroying: false.into(),
-            died_of_oom: std::sync::OnceLock::new(),
-        });
+        let runner = Arc::new(Runner::new(id.clone(), spec.id, handle, false));
         let store = inner.store.clone();
         if let Err(e) = blocking(move || store.put_runner(&record)).await? {
             let (inner2, r) = (inner.clone(), runner.clone());
@@ -1102,21 +1152,35 @@ impl ExecutorApi for LocalExecutor {
         };
         let socket = r.handle.socket.clone();
         let stall = self.inner.config.stall_timeout;
-        let (conn, fds) = blocking(
-            move || -> Result<(UnixStream, Vec<OwnedFd>), BackendError> {
+        let started = blocking(
+            move || -> Result<Option<(UnixStream, Vec<OwnedFd>)>, BackendError> {
                 let mut conn = connect(&socket).map_err(internal)?;
                 conn.set_read_timeout(Some(stall)).map_err(internal)?;
                 write_msg(&mut conn, &message).map_err(internal)?;
                 let (response, fds): (Response, _) = recv_with_fds(&conn, 2).map_err(internal)?;
                 conn.set_read_timeout(None).map_err(internal)?;
                 match response {
-                    Response::Started if fds.len() == 2 => Ok((conn, fds)),
+                    Response::Started if fds.len() == 2 => Ok(Some((conn, fds))),
+                    Response::ProcessLimit => Ok(None),
                     Response::Error { message } => Err(BackendError::Internal(message)),
                     other => Err(internal(format!("unexpected answer {other:?}"))),
                 }
             },
         )
         .await??;
+        let Some((conn, fds)) = started else {
+            // The init could not fork: the client learns why in the stream, and the runner,
+            // useless now, is replaced.
+            report_process_limit(&self.inner.events_tx, &r);
+            let (events_tx, events_rx) = mpsc::channel(1);
+            let (stdin_tx, _) = mpsc::channel(1);
+            let _ =
+                events_tx.try_send(ExecutionEvent::Error(ExecutionFailure::ProcessLimitReached));
+            return Ok(ExecutionHandle {
+                stdin: stdin_tx,
+                events: events_rx,
+            });
+        };
         let mut fds = fds.into_iter();
         let (Some(master), Some(stderr)) = (fds.next(), fds.next()) else {
             return Err(internal("missing descriptors"));
@@ -1138,6 +1202,7 @@ impl ExecutorApi for LocalExecutor {
             events: events_tx,
             cancel,
             runner: r.clone(),
+            backend_events: self.inner.events_tx.clone(),
         };
         tokio::spawn(pump.run());
         Ok(ExecutionHandle {
@@ -1196,6 +1261,7 @@ impl ExecutorApi for LocalExecutor {
                         reason: f.reason,
                     }));
                 }
+                Response::ProcessLimit => return Err(self.file_op_process_limit(&r)),
                 Response::Error { message } => return Err(internal(message).into()),
                 other => return Err(internal(format!("unexpected answer {other:?}")).into()),
             }
@@ -1246,6 +1312,7 @@ impl ExecutorApi for LocalExecutor {
                 })
                 .collect()),
             Response::NotFound => Err(FileError::NotFound),
+            Response::ProcessLimit => Err(self.file_op_process_limit(&r)),
             Response::Error { message } => Err(internal(message).into()),
             other => Err(internal(format!("unexpected answer {other:?}")).into()),
         }
@@ -1280,6 +1347,7 @@ impl ExecutorApi for LocalExecutor {
         let size = match response {
             Response::File { size } => size,
             Response::NotFound => return Err(FileError::NotFound),
+            Response::ProcessLimit => return Err(self.file_op_process_limit(&r)),
             Response::Error { message } => return Err(internal(message).into()),
             other => return Err(internal(format!("unexpected answer {other:?}")).into()),
         };
@@ -1375,6 +1443,7 @@ struct Pump {
     events: mpsc::Sender<ExecutionEvent>,
     cancel: CancellationToken,
     runner: Arc<Runner>,
+    backend_events: mpsc::UnboundedSender<BackendEvent>,
 }
 
 async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
@@ -1478,6 +1547,16 @@ impl Pump {
                                     exit = Some(code);
                                     exited_at = Instant::now();
                                 }
+                                Ok(Response::ProcessLimit) => {
+                                    // The command never ran: its session leader could not fork.
+                                    report_process_limit(&self.backend_events, &self.runner);
+                                    let _ = self
+                                        .send(ExecutionEvent::Error(
+                                            ExecutionFailure::ProcessLimitReached,
+                                        ))
+                                        .await;
+                                    return;
+                                }
                                 _ => {
                                     self.fail().await;
                                     return;
@@ -1513,14 +1592,14 @@ impl Pump {
         }
     }
 
-    /// The init went away without reporting an exit: the runner is gone. Whether it was killed
-    /// for memory is known once the init's watcher saw it exit; the connection breaks a moment
-    /// before that.
+    /// The init went away without reporting an exit: the runner is gone. Why (killed for
+    /// memory, its process table full, …) is known once the init's watcher saw it exit; the
+    /// connection breaks a moment before that.
     async fn fail(&self) {
-        let mut oom = false;
+        let mut event = ExecutionEvent::Error(ExecutionFailure::Failed);
         for _ in 0..100 {
-            if let Some(died_of_oom) = self.runner.died_of_oom.get() {
-                oom = *died_of_oom;
+            if let Some(reason) = self.runner.died.get() {
+                event = reason.execution_event();
                 break;
             }
             if self
@@ -1532,11 +1611,6 @@ impl Pump {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let failure = if oom {
-            ExecutionFailure::OomKilled
-        } else {
-            ExecutionFailure::Failed
-        };
-        let _ = self.send(ExecutionEvent::Error(failure)).await;
+        let _ = self.send(event).await;
     }
 }
