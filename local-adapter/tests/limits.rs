@@ -227,9 +227,9 @@ async fn yes_with_a_slow_reader_keeps_server_memory_flat() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_process_table_is_reported_as_such_and_the_runner_replaced() {
     use futures::StreamExt;
-    let f = Fixture::new().await;
+    let f = Fixture::with(|c| c.max_processes = 512).await;
     let mut backend_events = f.executor.events();
-    let r = f.runner().await;
+    let r = f.runner_with(common::spec(100)).await;
     let mut bomb = request(":(){ :|:& };:");
     bomb.time_limit = 10;
     let o = common::run_with(&f.executor, &r, bomb, None).await;

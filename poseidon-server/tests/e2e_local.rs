@@ -931,3 +931,59 @@ async fn delete_answers_at_once_after_a_killed_execution() {
         "DELETE after a closed socket took {close_max:?}"
     );
 }
+
+/// A fork bomb left running in the background fills the runner's process table: the next
+/// execution ends with an error naming the process limit (not an OOM kill), the runner is
+/// replaced (its id is gone), and the pool gets a fresh runner that works.
+#[tokio::test]
+async fn a_full_process_table_ends_in_a_process_limit_error_and_a_fresh_runner() {
+    // Memory enough for the whole process table (512 shells near 100 MB), so that only the
+    // process limit is reached.
+    let e = E2e::start(0).await;
+    assert_eq!(e.put_environment(0, 1, 400).await, 201);
+    e.wait_idle(0, 1).await;
+    let runner = e.claim(60).await;
+    let t = e
+        .run(
+            &runner,
+            json!({"command": ":(){ :|:& };:", "timeLimit": 10}),
+        )
+        .await;
+    assert_eq!(t.last()["type"], "exit", "{t:?}");
+    let mut seen = Vec::new();
+    let mut gone = false;
+    for _ in 0..20 {
+        let r = e
+            .client
+            .post(e.url(&format!("/runners/{runner}/execute")))
+            .json(&json!({"command": "echo hi"}))
+            .send()
+            .await
+            .expect("execute");
+        if r.status() == 410 {
+            gone = true;
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.expect("json");
+        let url = body["websocketUrl"].as_str().expect("url").to_string();
+        let mut ws = connect(&url, Some(TOKEN)).await.expect("connect");
+        seen.push(read_all(&mut ws, Duration::from_secs(30)).await.last());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.iter().all(|m| !m.to_string().contains("OOM")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|m| m["type"] == "error"
+            && m["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("process limit"))),
+        "no process-limit error: {seen:?}"
+    );
+    assert!(gone, "the runner was not replaced: {seen:?}");
+    e.wait_idle(0, 1).await;
+    let fresh = e.claim(60).await;
+    assert_eq!(e.sh(&fresh, "echo fine").await.stdout(), "fine\r\n");
+}
