@@ -83,11 +83,21 @@ pub trait CgroupDriver: Send + Sync + fmt::Debug {
     /// Kills every process left in the runner's cgroup and removes it; succeeds when it is gone.
     fn destroy(&self, runner: &str) -> Result<(), LocalError>;
 
+    /// Thaws every cgroup of the runner that is frozen, without killing anything.
+    ///
+    /// A frozen process cannot die, and a pid namespace's init cannot finish exiting while any
+    /// process of its namespace is left: an init killed while it had an execution frozen (to
+    /// kill that execution's tree) hangs until this is called. Cheap and idempotent.
+    fn thaw(&self, runner: &str);
+
     /// The runners that have a cgroup under this instance (to find leftovers).
     fn runners(&self) -> Vec<String>;
 
     /// Whether the kernel killed a process of the runner for memory.
     fn oom_killed(&self, runner: &str) -> bool;
+
+    /// Whether a fork in the runner was ever refused for its process limit (`pids.events`).
+    fn process_limit_hit(&self, runner: &str) -> bool;
 
     /// Removes the instance directory when no runner cgroup is left in it.
     fn remove_instance_if_empty(&self);
@@ -300,6 +310,19 @@ impl CgroupDriver for V1Driver {
         Ok(())
     }
 
+    fn thaw(&self, runner: &str) {
+        let freezer = self.dir("freezer", runner);
+        for dir in tree_deepest_first(&freezer) {
+            let state = dir.join("freezer.state");
+            match fs::read_to_string(&state) {
+                Ok(s) if s.trim() != "THAWED" => {
+                    let _ = fs::write(&state, "THAWED");
+                }
+                _ => {}
+            }
+        }
+    }
+
     fn runners(&self) -> Vec<String> {
         let mut all: Vec<String> = V1_CONTROLLERS
             .iter()
@@ -315,6 +338,10 @@ impl CgroupDriver for V1Driver {
             &self.dir("memory", runner).join("memory.oom_control"),
             "oom_kill",
         ) > 0
+    }
+
+    fn process_limit_hit(&self, runner: &str) -> bool {
+        counter(&self.dir("pids", runner).join("pids.events"), "max") > 0
     }
 
     fn remove_instance_if_empty(&self) {
@@ -391,12 +418,19 @@ impl CgroupDriver for V2Driver {
         remove_tree(&dir, Duration::from_secs(5))
     }
 
+    /// Executions are killed with `cgroup.kill` here; nothing is ever frozen.
+    fn thaw(&self, _: &str) {}
+
     fn runners(&self) -> Vec<String> {
         list_dirs(&self.base)
     }
 
     fn oom_killed(&self, runner: &str) -> bool {
         counter(&self.base.join(runner).join("memory.events"), "oom_kill") > 0
+    }
+
+    fn process_limit_hit(&self, runner: &str) -> bool {
+        counter(&self.base.join(runner).join("pids.events"), "max") > 0
     }
 
     fn remove_instance_if_empty(&self) {
@@ -431,11 +465,17 @@ impl CgroupDriver for NoCgroups {
         Ok(())
     }
 
+    fn thaw(&self, _: &str) {}
+
     fn runners(&self) -> Vec<String> {
         Vec::new()
     }
 
     fn oom_killed(&self, _: &str) -> bool {
+        false
+    }
+
+    fn process_limit_hit(&self, _: &str) -> bool {
         false
     }
 

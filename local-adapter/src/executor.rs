@@ -46,6 +46,10 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// working init answers in microseconds (it forks helpers for anything slow); one that does not
 /// answer in time is broken, and its runner is replaced.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a runner's init may take to exit after SIGKILL before teardown goes on without it.
+const INIT_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for teardowns still running in the background.
+const SHUTDOWN_TEARDOWN_WAIT: Duration = Duration::from_secs(15);
 /// After the main process exited, output still arriving is forwarded until the pipes are quiet
 /// this long (background processes may keep them open).
 /// Longest path accepted in a file update (Linux's `PATH_MAX` is 4096; longer ones are refused
@@ -81,8 +85,40 @@ struct Runner {
     /// Found alive at start-up (its idle record may be stale after a crash).
     recovered: bool,
     destroying: std::sync::atomic::AtomicBool,
-    /// Set when the init died on its own: whether the runner was killed for memory.
-    died_of_oom: std::sync::OnceLock<bool>,
+    /// Set when the init died on its own: why.
+    died: std::sync::OnceLock<DestroyReason>,
+    /// Set once its full process table was reported (the runner is being replaced).
+    process_limit: std::sync::atomic::AtomicBool,
+}
+
+impl Runner {
+    fn new(id: RunnerId, environment: EnvironmentId, handle: Handle, recovered: bool) -> Self {
+        Self {
+            id,
+            environment,
+            handle,
+            recovered,
+            destroying: false.into(),
+            died: std::sync::OnceLock::new(),
+            process_limit: false.into(),
+        }
+    }
+}
+
+/// Reports once that `runner`'s process table is full: the manager destroys it with
+/// [`DestroyReason::ProcessLimitReached`] and refills its pool.
+fn report_process_limit(events: &mpsc::UnboundedSender<BackendEvent>, runner: &Runner) {
+    if runner
+        .process_limit
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    warn!(runner_id = %runner.id, environment_id = %runner.environment, "the runner's process table is full: nothing can be started in it; replacing it");
+    let _ = events.send(BackendEvent::RunnerStopped {
+        runner: runner.id.clone(),
+        reason: DestroyReason::ProcessLimitReached,
+    });
 }
 
 #[derive(Debug)]
@@ -105,6 +141,10 @@ struct Inner {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<BackendEvent>>>,
     /// Runner networking, once started (it is optional: without it runners have loopback only).
     network: std::sync::OnceLock<HostNetwork>,
+    /// Runners destroyed but not yet torn down (their teardown runs in the background).
+    tearing_down: Mutex<HashSet<RunnerId>>,
+    /// How many background teardowns are running, for shutdown to wait for them.
+    teardowns: tokio::sync::watch::Sender<usize>,
 }
 
 /// The local sandbox backend. Cheap to clone; all clones share the same runners.
@@ -218,16 +258,21 @@ fn send_request(socket: &Path, request: &Request) -> Result<UnixStream, ControlE
 }
 
 /// Waits (at most [`CONTROL_TIMEOUT`]) for the init to hand a file operation to its helper,
-/// then gives the helper `stall` for each later read and write.
-fn await_accepted(conn: &mut UnixStream, stall: Duration) -> Result<(), ControlError> {
+/// then gives the helper `stall` for each later read and write. `Some(ProcessLimit)` when the
+/// init could not fork the helper: the answer to give instead of the helper's.
+fn await_accepted(
+    conn: &mut UnixStream,
+    stall: Duration,
+) -> Result<Option<Response>, ControlError> {
     match read_msg::<Response>(conn, MAX_RESPONSE).map_err(ControlError::Unresponsive)? {
         Response::Accepted => {}
+        Response::ProcessLimit => return Ok(Some(Response::ProcessLimit)),
         Response::Error { message } => return Err(internal(message).into()),
         other => return Err(internal(format!("unexpected answer {other:?}")).into()),
     }
     conn.set_read_timeout(Some(stall))?;
     conn.set_write_timeout(Some(stall))?;
-    Ok(())
+    Ok(None)
 }
 
 fn ping(socket: &Path) -> bool {
@@ -481,6 +526,8 @@ impl LocalExecutor {
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
             network: std::sync::OnceLock::new(),
+            tearing_down: Mutex::new(HashSet::new()),
+            teardowns: tokio::sync::watch::Sender::new(0),
         });
         inner.recover()?;
         Ok(LocalExecutor { inner })
@@ -488,7 +535,19 @@ impl LocalExecutor {
 
     /// Leaves every runner running (the next start reattaches to them) and closes the store
     /// cleanly, so the next start trusts its idle records.
+    ///
+    /// Teardowns of destroyed runners still running in the background are waited for first
+    /// (bounded; one cut short is completed by the next start).
     pub async fn shutdown(&self) {
+        if tokio::time::timeout(SHUTDOWN_TEARDOWN_WAIT, self.teardowns_finished())
+            .await
+            .is_err()
+        {
+            warn!(
+                pending = *self.inner.teardowns.borrow(),
+                "runner teardowns still running at shutdown; the next start completes them"
+            );
+        }
         if lock(&self.inner.runners).is_empty()
             && let Some(network) = self.inner.network.get()
         {
@@ -507,6 +566,13 @@ impl LocalExecutor {
             Ok(Err(e)) => error!(error = %e, "closing the state store failed"),
             Err(e) => error!(error = %e, "closing the state store failed"),
         }
+    }
+
+    /// Resolves once no destroyed runner is being torn down in the background any more (its
+    /// processes gone, its cgroups, socket, record and network removed).
+    pub async fn teardowns_finished(&self) {
+        let mut rx = self.inner.teardowns.subscribe();
+        let _ = rx.wait_for(|running| *running == 0).await;
     }
 
     /// The runner's network namespace (`/proc/<init pid>/ns/net`), owned by the host's root, for
@@ -562,6 +628,12 @@ impl LocalExecutor {
         }
     }
 
+    /// A file operation found the runner's process table full (its init could not fork).
+    fn file_op_process_limit(&self, runner: &Runner) -> FileError {
+        report_process_limit(&self.inner.events_tx, runner);
+        internal(DestroyReason::ProcessLimitReached).into()
+    }
+
     fn runner(&self, id: &RunnerId) -> Result<Arc<Runner>, BackendError> {
         lock(&self.inner.runners)
             .get(id)
@@ -584,30 +656,27 @@ impl Inner {
                 Some(h) if is_alive(&h) && ping(&h.socket) => {
                     info!(runner_id = %record.id, environment_id = %record.environment, "reattached to runner");
                     attached.insert(record.id.to_string());
-                    let runner = Arc::new(Runner {
-                        id: record.id.clone(),
-                        environment: record.environment,
-                        handle: h,
-                        recovered: true,
-                        destroying: false.into(),
-                        died_of_oom: std::sync::OnceLock::new(),
-                    });
+                    let runner =
+                        Arc::new(Runner::new(record.id.clone(), record.environment, h, true));
                     lock(&self.runners).insert(record.id.clone(), runner.clone());
                     self.watch(runner);
                 }
                 h => {
-                    info!(runner_id = %record.id, "runner did not survive; cleaning up");
-                    if let Some(h) = &h {
-                        kill_init(h);
-                        let _ = std::fs::remove_file(&h.socket);
+                    // Also a runner whose destruction a crash cut short: its socket is gone
+                    // (removed when it was destroyed), so it no longer answers.
+                    info!(runner_id = %record.id, environment_id = %record.environment, "runner did not survive; cleaning up");
+                    if let Err(e) = self.teardown(&record.id, h.as_ref()) {
+                        warn!(runner_id = %record.id, environment_id = %record.environment, error = %e, "cannot clean up the runner");
+                        self.store
+                            .remove_runner(&record.id)
+                            .map_err(|e| LocalError::Store(e.to_string()))?;
                     }
-                    let _ = self.driver.destroy(record.id.as_str());
-                    self.store
-                        .remove_runner(&record.id)
-                        .map_err(|e| LocalError::Store(e.to_string()))?;
                 }
             }
         }
+        // Cgroups without a live record: runners whose creation or destruction a crash cut
+        // short. Destroying the cgroup also kills an init still running in it (with its whole
+        // namespace), record or not.
         for leftover in self.driver.runners() {
             if !attached.contains(&leftover) {
                 info!(runner_id = %leftover, "removing leftover cgroup");
@@ -659,17 +728,22 @@ impl Inner {
             if runner.destroying.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
-            let oom = inner.driver.oom_killed(runner.id.as_str());
-            let _ = runner.died_of_oom.set(oom);
-            let reason = if oom {
-                DestroyReason::OomKilled
-            } else {
-                DestroyReason::Stopped("the runner's init process exited".into())
-            };
-            warn!(runner_id = %runner.id, reason = %reason, "runner stopped on its own");
             let id = runner.id.clone();
             let cleanup = inner.clone();
-            let _ = tokio::task::spawn_blocking(move || cleanup.teardown(&runner)).await;
+            let reason = blocking(move || {
+                let reason = cleanup.why_init_died(&runner);
+                let _ = runner.died.set(reason.clone());
+                warn!(runner_id = %runner.id, environment_id = %runner.environment, reason = %reason, "runner stopped on its own");
+                runner
+                    .destroying
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Err(e) = cleanup.teardown(&runner.id, Some(&runner.handle)) {
+                    warn!(runner_id = %runner.id, error = %e, "cleaning up a stopped runner failed; the next start removes what is left");
+                }
+                reason
+            })
+            .await
+            .unwrap_or_else(|e| DestroyReason::Stopped(e.to_string()));
             lock(&inner.runners).remove(&id);
             if let Some(network) = inner.network.get() {
                 network.detach(&id).await;
@@ -695,32 +769,133 @@ impl Inner {
         let (inner, runner) = (self.clone(), runner.clone());
         tokio::spawn(async move {
             let cleanup = inner.clone();
-            let torn = tokio::task::spawn_blocking(move || cleanup.teardown(&runner)).await;
-            if let Ok(Err(e)) = torn {
-                warn!(runner_id = %id, error = %e, "tearing down the broken runner failed");
-            }
+            let torn = tokio::task::spawn_blocking(move || {
+                // An init that died (e.g. killed for memory) is why it did not answer.
+                let reason = if has_exited(&runner.handle) {
+                    cleanup.why_init_died(&runner)
+                } else {
+                    DestroyReason::Stopped("the runner's control process stopped answering".into())
+                };
+                (reason, cleanup.teardown(&runner.id, Some(&runner.handle)))
+            })
+            .await;
+            let reason = match torn {
+                Ok((reason, result)) => {
+                    if let Err(e) = result {
+                        warn!(runner_id = %id, error = %e, "tearing down the broken runner failed");
+                    }
+                    reason
+                }
+                Err(e) => {
+                    warn!(runner_id = %id, error = %e, "tearing down the broken runner failed");
+                    DestroyReason::Stopped("the runner's control process stopped answering".into())
+                }
+            };
             if let Some(network) = inner.network.get() {
                 network.detach(&id).await;
             }
-            let reason =
-                DestroyReason::Stopped("the runner's control process stopped answering".into());
             let _ = inner
                 .events_tx
                 .send(BackendEvent::RunnerStopped { runner: id, reason });
         });
     }
 
-    /// Kills the runner's init (and with it the whole pid namespace), removes its cgroups,
-    /// socket and record.
-    fn teardown(&self, runner: &Runner) -> Result<(), BackendError> {
-        runner
-            .destroying
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        kill_init(&runner.handle);
-        let _ = std::fs::remove_file(&runner.handle.socket);
-        let cg = self.driver.destroy(runner.id.as_str());
-        self.store.remove_runner(&runner.id).map_err(internal)?;
+    /// Why the runner's init, which has exited, died. Reaps it when it is our child: an init
+    /// that exited by itself was not killed for memory, whatever else in the runner was
+    /// (a single process killed for memory in a surviving runner counts in the same cgroup).
+    /// Blocking.
+    fn why_init_died(&self, runner: &Runner) -> DestroyReason {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let pid = nix::unistd::Pid::from_raw(runner.handle.pid);
+        let status = if start_time(runner.handle.pid) == Some(runner.handle.start_time) {
+            waitpid(pid, Some(WaitPidFlag::WNOHANG)).ok()
+        } else {
+            None
+        };
+        let killed = match status {
+            Some(WaitStatus::Exited(..)) => false,
+            Some(WaitStatus::Signaled(_, signal, _)) => signal == nix::sys::signal::SIGKILL,
+            // Not our child (e.g. after a restart): only the counters tell.
+            _ => true,
+        };
+        let id = runner.id.as_str();
+        if killed && self.driver.oom_killed(id) {
+            DestroyReason::OomKilled
+        } else if self.driver.process_limit_hit(id) {
+            DestroyReason::ProcessLimitReached
+        } else {
+            DestroyReason::Stopped(format!("the runner's init process exited ({status:?})"))
+        }
+    }
+
+    /// Kills the runner's init (and with it the whole pid namespace), waits for it, then removes
+    /// its cgroups, socket and record. Blocking; may take a while (see [`Inner::await_init_exit`]).
+    fn teardown(&self, id: &RunnerId, handle: Option<&Handle>) -> Result<(), BackendError> {
+        if let Some(handle) = handle {
+            signal_init(handle);
+            let _ = std::fs::remove_file(&handle.socket);
+            self.await_init_exit(id, handle);
+        }
+        let cg = self.driver.destroy(id.as_str());
+        self.store.remove_runner(id).map_err(internal)?;
         cg.map_err(internal)
+    }
+
+    /// Waits (bounded) until the killed init is gone, reaping it when it is our child.
+    ///
+    /// An init dies only once every process of its pid namespace has, and a frozen process
+    /// cannot die: when the init was killed while it had an execution's cgroup frozen (it
+    /// freezes one to kill an execution's tree, e.g. after a time limit or a closed socket), that
+    /// cgroup stays frozen and the init hangs in its exit. So the runner's cgroups are thawed
+    /// first, and again while waiting (the init may have frozen one a moment after the first
+    /// thaw, in the system call it was in when the signal came).
+    fn await_init_exit(&self, id: &RunnerId, handle: &Handle) {
+        const THAW_EVERY: Duration = Duration::from_millis(50);
+        let started = Instant::now();
+        let mut next_thaw = started;
+        loop {
+            if init_gone(handle) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= started + INIT_EXIT_TIMEOUT {
+                warn!(runner_id = %id, pid = handle.pid, "the runner's init did not exit after SIGKILL");
+                return;
+            }
+            if now >= next_thaw {
+                self.driver.thaw(id.as_str());
+                next_thaw = now + THAW_EVERY;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Tears `runner` down in the background (see [`LocalExecutor::teardowns_finished`]).
+    fn spawn_teardown(self: &Arc<Self>, runner: Arc<Runner>) {
+        lock(&self.tearing_down).insert(runner.id.clone());
+        self.teardowns.send_modify(|running| *running += 1);
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (work, r) = (inner.clone(), runner.clone());
+            let result = blocking(move || work.teardown(&r.id, Some(&r.handle)))
+                .await
+                .and_then(|r| r);
+            if let Some(network) = inner.network.get() {
+                network.detach(&runner.id).await;
+            }
+            let took_ms = started.elapsed().as_millis() as u64;
+            match result {
+                Ok(()) => {
+                    debug!(runner_id = %runner.id, environment_id = %runner.environment, took_ms, "runner torn down");
+                }
+                Err(e) => {
+                    warn!(runner_id = %runner.id, environment_id = %runner.environment, took_ms, error = %e, "tearing down the runner failed; the next start removes what is left");
+                }
+            }
+            lock(&inner.tearing_down).remove(&runner.id);
+            inner.teardowns.send_modify(|running| *running -= 1);
+        });
     }
 
     fn limits(&self, spec: &EnvironmentSpec) -> Limits {
@@ -772,7 +947,6 @@ impl Inner {
     }
 }
 
-/// SIGKILL to a runner's init (only if the pid still is that init) and a short wait for it.
 /// Rewrites a runner's record after its network changed on reattachment.
 fn update_network(store: &StateStore, id: &RunnerId, handle: &Handle) -> Result<(), BackendError> {
     let Some(mut record) = store.runner(id).map_err(internal)? else {
@@ -787,26 +961,25 @@ fn update_network(store: &StateStore, id: &RunnerId, handle: &Handle) -> Result<
     store.put_runner(&record).map_err(internal)
 }
 
-fn kill_init(handle: &Handle) {
-    if !is_alive(handle) {
-        return;
+/// SIGKILL to a runner's init, only if the pid still is that init. Does not wait.
+fn signal_init(handle: &Handle) {
+    if is_alive(handle) {
+        let pid = nix::unistd::Pid::from_raw(handle.pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Whether the runner's init is gone: reaped here when it is our child (we are the subreaper
+/// of the inits we started), else exited, a zombie of someone else, or its pid reused.
+fn init_gone(handle: &Handle) -> bool {
+    if start_time(handle.pid) != Some(handle.start_time) {
+        return true;
     }
     let pid = nix::unistd::Pid::from_raw(handle.pid);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    // Reap it when it is our child (we are the subreaper of the inits we started); otherwise
-    // wait until it is gone or a zombie of someone else.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
-            Ok(_) => return,
-            Err(_) => {
-                if has_exited(handle) {
-                    return;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+        Ok(nix::sys::wait::WaitStatus::StillAlive) => false,
+        Ok(_) => true,
+        Err(_) => has_exited(handle),
     }
 }
 
@@ -952,16 +1125,8 @@ impl ExecutorApi for LocalExecutor {
             match self.connect_network(&id, &handle, spec).await {
                 Ok(network) => handle.network = Some(network),
                 Err(e) => {
-                    let runner = Runner {
-                        id: id.clone(),
-                        environment: spec.id,
-                        handle,
-                        recovered: false,
-                        destroying: false.into(),
-                        died_of_oom: std::sync::OnceLock::new(),
-                    };
-                    let inner2 = inner.clone();
-                    let _ = blocking(move || inner2.teardown(&runner)).await;
+                    let (inner2, id2) = (inner.clone(), id.clone());
+                    let _ = blocking(move || inner2.teardown(&id2, Some(&handle))).await;
                     return Err(e);
                 }
             }
@@ -978,18 +1143,11 @@ impl ExecutorApi for LocalExecutor {
             mapped_ports: mapped_ports.clone(),
             backend_data: serde_json::to_vec(&handle).map_err(internal)?,
         };
-        let runner = Arc::new(Runner {
-            id: id.clone(),
-            environment: spec.id,
-            handle,
-            recovered: false,
-            destroying: false.into(),
-            died_of_oom: std::sync::OnceLock::new(),
-        });
+        let runner = Arc::new(Runner::new(id.clone(), spec.id, handle, false));
         let store = inner.store.clone();
         if let Err(e) = blocking(move || store.put_runner(&record)).await? {
             let (inner2, r) = (inner.clone(), runner.clone());
-            let _ = blocking(move || inner2.teardown(&r)).await;
+            let _ = blocking(move || inner2.teardown(&r.id, Some(&r.handle))).await;
             self.disconnect_network(&id).await;
             return Err(internal(e));
         }
@@ -1009,19 +1167,29 @@ impl ExecutorApi for LocalExecutor {
         reason: &DestroyReason,
     ) -> Result<(), BackendError> {
         let found = lock(&self.inner.runners).remove(runner);
-        let inner = self.inner.clone();
-        let id = runner.clone();
-        debug!(runner_id = %id, reason = %reason, "destroying runner");
-        let result = blocking(move || match found {
-            Some(r) => inner.teardown(&r),
-            None => {
+        let Some(r) = found else {
+            if lock(&self.inner.tearing_down).contains(runner) {
+                return Ok(());
+            }
+            // Unknown here: remove whatever an earlier run may have left of it.
+            let (inner, id) = (self.inner.clone(), runner.clone());
+            return blocking(move || {
                 let _ = inner.driver.destroy(id.as_str());
                 inner.store.remove_runner(&id).map_err(internal)
-            }
-        })
-        .await?;
-        self.disconnect_network(runner).await;
-        result
+            })
+            .await?;
+        };
+        debug!(runner_id = %r.id, environment_id = %r.environment, reason = %reason, "destroying runner");
+        // The runner is unusable from here on: out of the map, its init killed and its socket
+        // gone, so neither this process nor a next start after a crash can reach it (a record
+        // whose init does not answer is cleaned up at start). Waiting for the init to exit and
+        // removing cgroups, record and network take longer: the caller does not wait for that.
+        r.destroying
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        signal_init(&r.handle);
+        let _ = std::fs::remove_file(&r.handle.socket);
+        self.inner.spawn_teardown(r);
+        Ok(())
     }
 
     async fn record_activity(
@@ -1107,21 +1275,34 @@ impl ExecutorApi for LocalExecutor {
         let socket = r.handle.socket.clone();
         // The init itself answers (it forks the command and sends its terminal at once).
         let started = blocking(
-            move || -> Result<(UnixStream, Vec<OwnedFd>), ControlError> {
+            move || -> Result<Option<(UnixStream, Vec<OwnedFd>)>, ControlError> {
                 let conn = send_request(&socket, &message)?;
                 let (response, fds): (Response, _) =
                     recv_with_fds(&conn, 2).map_err(ControlError::Unresponsive)?;
                 conn.set_read_timeout(None)?;
                 conn.set_write_timeout(None)?;
                 match response {
-                    Response::Started if fds.len() == 2 => Ok((conn, fds)),
+                    Response::Started if fds.len() == 2 => Ok(Some((conn, fds))),
+                    Response::ProcessLimit => Ok(None),
                     Response::Error { message } => Err(BackendError::Internal(message).into()),
                     other => Err(internal(format!("unexpected answer {other:?}")).into()),
                 }
             },
         )
         .await?;
-        let (conn, fds) = self.control(&r, started)?;
+        let Some((conn, fds)) = self.control(&r, started)? else {
+            // The init could not fork: the client learns why in the stream, and the runner,
+            // useless now, is replaced.
+            report_process_limit(&self.inner.events_tx, &r);
+            let (events_tx, events_rx) = mpsc::channel(1);
+            let (stdin_tx, _) = mpsc::channel(1);
+            let _ =
+                events_tx.try_send(ExecutionEvent::Error(ExecutionFailure::ProcessLimitReached));
+            return Ok(ExecutionHandle {
+                stdin: stdin_tx,
+                events: events_rx,
+            });
+        };
         let mut fds = fds.into_iter();
         let (Some(master), Some(stderr)) = (fds.next(), fds.next()) else {
             return Err(internal("missing descriptors"));
@@ -1143,6 +1324,7 @@ impl ExecutorApi for LocalExecutor {
             events: events_tx,
             cancel,
             runner: r.clone(),
+            backend_events: self.inner.events_tx.clone(),
         };
         tokio::spawn(pump.run());
         Ok(ExecutionHandle {
@@ -1180,7 +1362,10 @@ impl ExecutorApi for LocalExecutor {
                         .collect(),
                 };
                 let mut conn = send_request(&socket, &request)?;
-                await_accepted(&mut conn, stall)?;
+                if let Some(refused) = await_accepted(&mut conn, stall)? {
+                    responses.push(refused);
+                    break;
+                }
                 for c in &batch.copy {
                     io::Write::write_all(&mut conn, &c.content)?;
                 }
@@ -1199,6 +1384,7 @@ impl ExecutorApi for LocalExecutor {
                         reason: f.reason,
                     }));
                 }
+                Response::ProcessLimit => return Err(self.file_op_process_limit(&r)),
                 Response::Error { message } => return Err(internal(message).into()),
                 other => return Err(internal(format!("unexpected answer {other:?}")).into()),
             }
@@ -1228,7 +1414,9 @@ impl ExecutorApi for LocalExecutor {
         let stall = self.inner.config.stall_timeout;
         let response = blocking(move || -> Result<Response, ControlError> {
             let mut conn = send_request(&socket, &message)?;
-            await_accepted(&mut conn, stall)?;
+            if let Some(refused) = await_accepted(&mut conn, stall)? {
+                return Ok(refused);
+            }
             Ok(read_msg(&mut conn, MAX_RESPONSE)?)
         })
         .await?;
@@ -1248,6 +1436,7 @@ impl ExecutorApi for LocalExecutor {
                 })
                 .collect()),
             Response::NotFound => Err(FileError::NotFound),
+            Response::ProcessLimit => Err(self.file_op_process_limit(&r)),
             Response::Error { message } => Err(internal(message).into()),
             other => Err(internal(format!("unexpected answer {other:?}")).into()),
         }
@@ -1271,7 +1460,9 @@ impl ExecutorApi for LocalExecutor {
         let stall = self.inner.config.stall_timeout;
         let outcome = blocking(move || -> Result<(Response, UnixStream), ControlError> {
             let mut conn = send_request(&socket, &message)?;
-            await_accepted(&mut conn, stall)?;
+            if let Some(refused) = await_accepted(&mut conn, stall)? {
+                return Ok((refused, conn));
+            }
             let response = read_msg(&mut conn, MAX_RESPONSE)?;
             conn.set_read_timeout(None)?;
             Ok((response, conn))
@@ -1281,6 +1472,7 @@ impl ExecutorApi for LocalExecutor {
         let size = match response {
             Response::File { size } => size,
             Response::NotFound => return Err(FileError::NotFound),
+            Response::ProcessLimit => return Err(self.file_op_process_limit(&r)),
             Response::Error { message } => return Err(internal(message).into()),
             other => return Err(internal(format!("unexpected answer {other:?}")).into()),
         };
@@ -1376,6 +1568,7 @@ struct Pump {
     events: mpsc::Sender<ExecutionEvent>,
     cancel: CancellationToken,
     runner: Arc<Runner>,
+    backend_events: mpsc::UnboundedSender<BackendEvent>,
 }
 
 async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
@@ -1479,6 +1672,16 @@ impl Pump {
                                     exit = Some(code);
                                     exited_at = Instant::now();
                                 }
+                                Ok(Response::ProcessLimit) => {
+                                    // The command never ran: its session leader could not fork.
+                                    report_process_limit(&self.backend_events, &self.runner);
+                                    let _ = self
+                                        .send(ExecutionEvent::Error(
+                                            ExecutionFailure::ProcessLimitReached,
+                                        ))
+                                        .await;
+                                    return;
+                                }
                                 _ => {
                                     self.fail().await;
                                     return;
@@ -1514,14 +1717,14 @@ impl Pump {
         }
     }
 
-    /// The init went away without reporting an exit: the runner is gone. Whether it was killed
-    /// for memory is known once the init's watcher saw it exit; the connection breaks a moment
-    /// before that.
+    /// The init went away without reporting an exit: the runner is gone. Why (killed for
+    /// memory, its process table full, …) is known once the init's watcher saw it exit; the
+    /// connection breaks a moment before that.
     async fn fail(&self) {
-        let mut oom = false;
+        let mut event = ExecutionEvent::Error(ExecutionFailure::Failed);
         for _ in 0..100 {
-            if let Some(died_of_oom) = self.runner.died_of_oom.get() {
-                oom = *died_of_oom;
+            if let Some(reason) = self.runner.died.get() {
+                event = reason.execution_event();
                 break;
             }
             if self
@@ -1533,11 +1736,6 @@ impl Pump {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let failure = if oom {
-            ExecutionFailure::OomKilled
-        } else {
-            ExecutionFailure::Failed
-        };
-        let _ = self.send(ExecutionEvent::Error(failure)).await;
+        let _ = self.send(event).await;
     }
 }

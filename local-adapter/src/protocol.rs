@@ -99,6 +99,9 @@ pub(crate) enum Response {
     Error {
         message: String,
     },
+    /// The runner's process table is full: the init, or an execution's session leader, could
+    /// not fork. Instead of `Started`, or of `Exit` when the leader could not start the command.
+    ProcessLimit,
 }
 
 /// Writes one framed message.

@@ -176,6 +176,7 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
         }
     }
     assert_eq!(ids.len(), cycles);
+    f.executor.teardowns_finished().await;
     let leftovers: Vec<String> = instance_cgroups(f.dir.path())
         .into_iter()
         .filter(|c| ids.iter().any(|id| c.ends_with(id.as_str())))
@@ -213,6 +214,82 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
         &zombies[..zombies.len().min(3)],
         std::process::id()
     );
+}
+
+/// An init killed while it has an execution's cgroup frozen (it freezes one to kill the
+/// execution's tree after a time limit or a closed socket) cannot finish exiting until that
+/// cgroup is thawed: destroying the runner must not wait seconds for it, and must leave nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn destroying_a_runner_with_a_frozen_execution_is_quick_and_complete() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = f
+        .executor
+        .execute(
+            &r,
+            &runner_core::ExecutionRequest::new("sleep 1000 & sleep 1001"),
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+    let runner_freezer = instance_cgroups(f.dir.path())
+        .into_iter()
+        .find(|c| c.contains("/freezer/") && c.ends_with(r.as_str()))
+        .expect("runner cgroup");
+    let execution = std::fs::read_dir(&runner_freezer)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .expect("execution cgroup")
+        .path();
+    std::fs::write(execution.join("freezer.state"), "FROZEN").unwrap();
+    let started = Instant::now();
+    f.destroy(&r).await;
+    let answered = started.elapsed();
+    f.executor.teardowns_finished().await;
+    let finished = started.elapsed();
+    drop(handle);
+    eprintln!("destroy answered after {answered:?}, teardown finished after {finished:?}");
+    assert!(answered < Duration::from_millis(500), "{answered:?}");
+    assert!(finished < Duration::from_secs(2), "{finished:?}");
+    let left: Vec<String> = instance_cgroups(f.dir.path())
+        .into_iter()
+        .filter(|c| c.ends_with(r.as_str()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(processes_of(r.as_str()), 0);
+}
+
+/// A crash in the middle of a destruction (the runner's socket gone and its init killed, its
+/// record and cgroups still there) is completed by the next start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destruction_cut_short_by_a_crash_is_completed_at_the_next_start() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let env = spec(64);
+    let a = local_adapter::LocalExecutor::start(config(dir.path()))
+        .await
+        .unwrap();
+    let r = a.create_runner(&env).await.unwrap().id;
+    // What `destroy_runner` does before it answers, without the background part.
+    let run_dir = std::fs::canonicalize(dir.path()).unwrap().join("run");
+    for socket in std::fs::read_dir(&run_dir).unwrap().flatten() {
+        std::fs::remove_file(socket.path()).unwrap();
+    }
+    drop(a);
+    assert!(processes_of(r.as_str()) > 0);
+    let b = local_adapter::LocalExecutor::start(config(dir.path()))
+        .await
+        .unwrap();
+    assert!(b.load_runners(env.id).await.unwrap().is_empty());
+    let left: Vec<String> = instance_cgroups(dir.path())
+        .into_iter()
+        .filter(|c| c.ends_with(r.as_str()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(processes_of(r.as_str()), 0);
+    b.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -220,3 +220,76 @@ async fn yes_with_a_slow_reader_keeps_server_memory_flat() {
     cancel.cancel();
     f.destroy(&r).await;
 }
+
+/// A fork bomb left running in the background fills the runner's process table: nothing can be
+/// started in it any more. The next execution ends with an error naming the process limit
+/// (never an OOM kill: memory is not the problem), and the runner is reported for replacement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_process_table_is_reported_as_such_and_the_runner_replaced() {
+    use futures::StreamExt;
+    let f = Fixture::with(|c| c.max_processes = 512).await;
+    let mut backend_events = f.executor.events();
+    // Memory to spare: 512 shells must fill the process table, not the memory.
+    let r = f.runner_with(common::spec(400)).await;
+    let mut bomb = request(":(){ :|:& };:");
+    bomb.time_limit = 10;
+    let o = common::run_with(&f.executor, &r, bomb, None).await;
+    // The bomb's first shell returns at once; its children live on, as background processes do.
+    assert!(matches!(o.terminal, Some(ExecutionEvent::Exit(_))), "{o:?}");
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        let attempt = f
+            .executor
+            .execute(&r, &request("echo hi"), CancellationToken::new())
+            .await;
+        let terminal = match attempt {
+            Ok(handle) => {
+                let mut events = handle.events;
+                let mut terminal = None;
+                while let Ok(Some(event)) =
+                    tokio::time::timeout(Duration::from_secs(10), events.recv()).await
+                {
+                    if event.is_terminal() {
+                        terminal = Some(event);
+                    }
+                }
+                format!("{terminal:?}")
+            }
+            Err(e) => format!("start failed: {e}"),
+        };
+        outcomes.push(terminal);
+        if outcomes
+            .last()
+            .is_some_and(|t| t.contains("ProcessLimitReached"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        outcomes.iter().all(|o| !o.contains("Oom")),
+        "reported as OOM: {outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .last()
+            .is_some_and(|t| t.contains("ProcessLimitReached")),
+        "no execution ended with the process limit: {outcomes:?}"
+    );
+    let message = runner_core::ExecutionFailure::ProcessLimitReached.to_string();
+    assert!(message.contains("process limit"), "{message}");
+    let event = tokio::time::timeout(Duration::from_secs(10), backend_events.next())
+        .await
+        .expect("no backend event");
+    match event {
+        Some(runner_core::BackendEvent::RunnerStopped { runner, reason }) => {
+            assert_eq!(runner, r);
+            assert_eq!(reason, runner_core::DestroyReason::ProcessLimitReached);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // What the manager does on that event: destroy it; the bomb goes with it.
+    f.destroy(&r).await;
+    f.executor.teardowns_finished().await;
+    assert!(runner_processes(&r).is_empty());
+}

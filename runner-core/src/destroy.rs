@@ -27,6 +27,10 @@ pub enum DestroyReason {
     Replaced,
     /// The backend reports the runner's sandbox/allocation was killed for memory (local).
     OomKilled,
+    /// The runner's process table is full (e.g. a fork bomb left running in the background), so
+    /// nothing can be started in it any more; the backend destroys it (not memory: never reported
+    /// as an OOM kill).
+    ProcessLimitReached,
     /// The backend reports the runner ended on its own or was stopped by someone else (local).
     Stopped(String),
     /// The manager drops its reference without touching the backend (e.g. on reload) (local).
@@ -44,6 +48,9 @@ impl DestroyReason {
         match self {
             Self::InactivityTimeout => ExecutionEvent::Timeout,
             Self::OomKilled => ExecutionEvent::Error(ExecutionFailure::OomKilled),
+            Self::ProcessLimitReached => {
+                ExecutionEvent::Error(ExecutionFailure::ProcessLimitReached)
+            }
             Self::ApiRequest | Self::EnvironmentUpdated | Self::EnvironmentDeleted => {
                 ExecutionEvent::Error(ExecutionFailure::StoppedAsExpected)
             }
@@ -63,6 +70,7 @@ impl DestroyReason {
             Self::CannotStopExecution => "cannot_stop_execution",
             Self::Replaced => "replaced",
             Self::OomKilled => "oom_killed",
+            Self::ProcessLimitReached => "process_limit_reached",
             Self::Stopped(_) => "stopped",
             Self::LocalOnly => "local_only",
         }
@@ -81,6 +89,7 @@ impl fmt::Display for DestroyReason {
             Self::CannotStopExecution => f.write_str("the execution did not stop"),
             Self::Replaced => f.write_str("the runner will be destroyed and replaced"),
             Self::OomKilled => f.write_str("the allocation was OOM Killed"),
+            Self::ProcessLimitReached => f.write_str("the runner's process limit was reached"),
             Self::Stopped(why) => write!(f, "the runner stopped: {why}"),
             Self::LocalOnly => f.write_str("the destruction should not cause external changes"),
         }
@@ -121,6 +130,9 @@ mod tests {
             msg(DestroyReason::Stopped("lost".into())),
             "Error executing the request"
         );
+        let process_limit = msg(DestroyReason::ProcessLimitReached);
+        assert!(process_limit.contains("process limit"), "{process_limit}");
+        assert!(!process_limit.contains("OOM"), "{process_limit}");
     }
 
     #[test]
@@ -130,5 +142,6 @@ mod tests {
         assert!(!DestroyReason::ApiRequest.is_local());
         assert!(!DestroyReason::InactivityTimeout.is_local());
         assert!(!DestroyReason::Replaced.is_local());
+        assert!(!DestroyReason::ProcessLimitReached.is_local());
     }
 }

@@ -172,6 +172,9 @@ pub enum ExecutionFailure {
     StoppedAsExpected,
     /// The output cap of this many bytes was reached.
     OutputLimitExceeded(u64),
+    /// The runner's process table is full (its process limit was reached): a command could not
+    /// be started, and the runner is replaced.
+    ProcessLimitReached,
     /// Anything else.
     Failed,
 }
@@ -182,6 +185,9 @@ impl fmt::Display for ExecutionFailure {
             Self::OomKilled => f.write_str("the allocation was OOM Killed"),
             Self::StoppedAsExpected => f.write_str("the allocation stopped as expected"),
             Self::OutputLimitExceeded(n) => write!(f, "the output limit of {n} bytes was exceeded"),
+            Self::ProcessLimitReached => f.write_str(
+                "the runner's process limit was reached (too many processes); the runner is replaced",
+            ),
             Self::Failed => f.write_str("Error executing the request"),
         }
     }

@@ -68,6 +68,31 @@ fn setup_all(spec: &SandboxSpec, userns: OwnedFd) -> Result<(Option<OwnedFd>, Ow
 struct Running {
     conn: Option<UnixStream>,
     cgroup: Option<String>,
+    /// The session leader writes [`LEADER_NO_PROCESS`] here when it cannot fork the command.
+    status: Option<OwnedFd>,
+}
+
+/// What an execution's session leader reports on its status pipe when the process limit keeps
+/// it from forking the command.
+const LEADER_NO_PROCESS: u8 = b'P';
+
+/// Why an execution could not be started.
+enum SpawnError {
+    /// `fork` failed with `EAGAIN`: the runner's process table is full.
+    ProcessLimit,
+    Other(String),
+}
+
+impl From<String> for SpawnError {
+    fn from(message: String) -> Self {
+        Self::Other(message)
+    }
+}
+
+impl From<&str> for SpawnError {
+    fn from(message: &str) -> Self {
+        Self::Other(message.to_string())
+    }
 }
 
 struct Init<'a> {
@@ -201,6 +226,10 @@ impl Init<'_> {
                 super::fileops::serve(conn, request, self.exec_ns.as_fd())
             }
             Ok(ForkResult::Parent { .. }) => {}
+            Err(Errno::EAGAIN) => {
+                let mut conn = conn;
+                let _ = write_msg(&mut conn, &Response::ProcessLimit);
+            }
             Err(e) => {
                 let mut conn = conn;
                 let _ = write_msg(
@@ -221,7 +250,7 @@ impl Init<'_> {
         env: &[(String, String)],
     ) {
         match self.spawn(command, privileged, env) {
-            Ok((pid, master, stderr, cgroup)) => {
+            Ok((pid, master, stderr, cgroup, status)) => {
                 let sent =
                     send_with_fds(&conn, &Response::Started, &[master.as_fd(), stderr.as_fd()]);
                 drop(master);
@@ -233,9 +262,19 @@ impl Init<'_> {
                         None
                     }
                 };
-                self.execs.insert(pid, Running { conn, cgroup });
+                self.execs.insert(
+                    pid,
+                    Running {
+                        conn,
+                        cgroup,
+                        status,
+                    },
+                );
             }
-            Err(message) => {
+            Err(SpawnError::ProcessLimit) => {
+                let _ = write_msg(&mut conn, &Response::ProcessLimit);
+            }
+            Err(SpawnError::Other(message)) => {
                 let _ = write_msg(&mut conn, &Response::Error { message });
             }
         }
@@ -247,7 +286,7 @@ impl Init<'_> {
         command: &str,
         privileged: bool,
         env: &[(String, String)],
-    ) -> Result<(i32, OwnedFd, OwnedFd, Option<String>), String> {
+    ) -> Result<(i32, OwnedFd, OwnedFd, Option<String>, Option<OwnedFd>), SpawnError> {
         let program = setup::cstring(command).ok_or("command contains NUL")?;
         let mut envp = vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -258,7 +297,7 @@ impl Init<'_> {
         ];
         for (k, v) in env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(format!("invalid environment variable {k:?}"));
+                return Err(format!("invalid environment variable {k:?}").into());
             }
             envp.retain(|e| !e.starts_with(&format!("{k}=")));
             envp.push(format!("{k}={v}"));
@@ -280,6 +319,10 @@ impl Init<'_> {
         );
         let (err_r, err_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (status_r, status_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+            Ok((r, w)) => (Some(r), Some(w)),
+            Err(_) => (None, None),
+        };
 
         self.prune_cgroups();
         self.counter += 1;
@@ -297,6 +340,7 @@ impl Init<'_> {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 drop(err_r);
+                drop(status_r);
                 let procs = match (&self.cgroup, &cgroup) {
                     (Some(dir), Some(name)) => openat(
                         dir,
@@ -314,12 +358,24 @@ impl Init<'_> {
                     privileged,
                     slave,
                     stderr: err_w,
+                    status: status_w,
                     procs,
                     limits,
                 })
             }
-            Ok(ForkResult::Parent { child }) => Ok((child.as_raw(), master, err_r, cgroup)),
-            Err(e) => Err(format!("fork: {e}")),
+            Ok(ForkResult::Parent { child }) => {
+                Ok((child.as_raw(), master, err_r, cgroup, status_r))
+            }
+            Err(e) => {
+                if let Some(name) = cgroup {
+                    self.lingering.push(name);
+                }
+                if e == Errno::EAGAIN {
+                    Err(SpawnError::ProcessLimit)
+                } else {
+                    Err(format!("fork: {e}").into())
+                }
+            }
         }
     }
 
@@ -399,9 +455,18 @@ impl Init<'_> {
         let Some(running) = self.execs.remove(&pid) else {
             return;
         };
+        let mut report = [0u8; 1];
+        let no_process = running.status.as_ref().is_some_and(|status| {
+            matches!(nix::unistd::read(status, &mut report), Ok(1) if report[0] == LEADER_NO_PROCESS)
+        });
         if let Some(mut conn) = running.conn {
             let _ = conn.set_nonblocking(false);
-            let _ = write_msg(&mut conn, &Response::Exit { code });
+            let response = if no_process {
+                Response::ProcessLimit
+            } else {
+                Response::Exit { code }
+            };
+            let _ = write_msg(&mut conn, &response);
         }
         if let Some(name) = running.cgroup {
             self.lingering.push(name);
@@ -496,6 +561,8 @@ struct ExecChild<'a> {
     privileged: bool,
     slave: CString,
     stderr: OwnedFd,
+    /// Where the leader reports that it could not fork the command (see `LEADER_NO_PROCESS`).
+    status: Option<OwnedFd>,
     procs: Option<OwnedFd>,
     limits: (u64, u64),
 }
@@ -568,8 +635,16 @@ fn exec_child(c: ExecChild<'_>) -> ! {
             })
         }
         Ok(ForkResult::Parent { child }) => child,
-        Err(e) => fail("fork", &e),
+        Err(e) => {
+            if e == Errno::EAGAIN
+                && let Some(status) = &c.status
+            {
+                let _ = nix::unistd::write(status, &[LEADER_NO_PROCESS]);
+            }
+            fail("fork", &e)
+        }
     };
+    drop(c.status);
     let _ = nix::unistd::setpgid(main, main);
     let _ = nix::unistd::tcsetpgrp(std::io::stdin(), main);
     // SAFETY: closing our copies of stdout/stderr; only stdin is needed to restore the group.
