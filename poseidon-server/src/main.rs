@@ -38,6 +38,13 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(&config.logger.level, &config.logger.formatter);
+    let ignored = config.ignored_keys();
+    if !ignored.is_empty() {
+        tracing::info!(
+            keys = %ignored.join(", "),
+            "configuration keys not used by this server are ignored"
+        );
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
