@@ -102,6 +102,8 @@ struct Inner {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<BackendEvent>>>,
     /// Runner networking, once started (it is optional: without it runners have loopback only).
     network: std::sync::OnceLock<HostNetwork>,
+    /// Why runner networking is not available, when it is not (for the client's 400).
+    network_unavailable: std::sync::OnceLock<String>,
 }
 
 /// The local sandbox backend. Cheap to clone; all clones share the same runners.
@@ -263,6 +265,10 @@ impl LocalExecutor {
     async fn start_network(&self) {
         let Some(config) = self.inner.config.network.clone() else {
             info!("runner networking disabled: runners have loopback only");
+            let _ = self.inner.network_unavailable.set(
+                "runner networking is disabled in the configuration (local.network.enabled: false)"
+                    .into(),
+            );
             return;
         };
         let survivors: Vec<Arc<Runner>> = lock(&self.inner.runners).values().cloned().collect();
@@ -293,7 +299,11 @@ impl LocalExecutor {
                     attempt += 1;
                 }
                 Err(e) => {
-                    warn!(error = %e, "runner networking unavailable: environments with networkAccess or exposedPorts cannot get runners");
+                    warn!(error = %e, "runner networking unavailable: environments with networkAccess or exposedPorts are refused");
+                    let _ = self
+                        .inner
+                        .network_unavailable
+                        .set(network_unavailable_reason(&e));
                     return;
                 }
             }
@@ -429,6 +439,7 @@ impl LocalExecutor {
             events_tx,
             events_rx: Mutex::new(Some(events_rx)),
             network: std::sync::OnceLock::new(),
+            network_unavailable: std::sync::OnceLock::new(),
         });
         inner.recover()?;
         Ok(LocalExecutor { inner })
@@ -465,6 +476,18 @@ impl LocalExecutor {
             .then(|| PathBuf::from(format!("/proc/{}/ns/net", runner.handle.pid)))
     }
 
+    /// The error for an environment that needs runner networking on a machine without it.
+    fn networking_refused(&self) -> BackendError {
+        let reason = self
+            .inner
+            .network_unavailable
+            .get()
+            .map_or("runner networking has not started", String::as_str);
+        BackendError::InvalidRequest(format!(
+            "networkAccess and exposedPorts need runner networking, which is not available on this machine: {reason}"
+        ))
+    }
+
     /// Gives a new runner the network its environment asks for.
     async fn connect_network(
         &self,
@@ -473,10 +496,7 @@ impl LocalExecutor {
         spec: &EnvironmentSpec,
     ) -> Result<RunnerNetwork, BackendError> {
         let Some(network) = self.inner.network.get() else {
-            return Err(BackendError::InvalidRequest(
-                "runner networking (networkAccess, exposedPorts) is not available on this machine"
-                    .into(),
-            ));
+            return Err(self.networking_refused());
         };
         let netns = PathBuf::from(format!("/proc/{}/ns/net", handle.pid));
         network
@@ -672,6 +692,16 @@ impl Inner {
 }
 
 /// SIGKILL to a runner's init (only if the pid still is that init) and a short wait for it.
+/// Why runner networking could not start, in words an operator can act on.
+fn network_unavailable_reason(error: &local_network::NetworkError) -> String {
+    match error {
+        local_network::NetworkError::ToolMissing { tool, package } => format!(
+            "`{tool}` is not installed; install it with `apt-get install {package}` and restart the server"
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// Rewrites a runner's record after its network changed on reattachment.
 fn update_network(store: &StateStore, id: &RunnerId, handle: &Handle) -> Result<(), BackendError> {
     let Some(mut record) = store.runner(id).map_err(internal)? else {
@@ -776,6 +806,11 @@ async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
 #[async_trait]
 impl ExecutorApi for LocalExecutor {
     async fn register_environment(&self, spec: &EnvironmentSpec) -> Result<(), BackendError> {
+        if (spec.network_access || !spec.exposed_ports.is_empty())
+            && self.inner.network.get().is_none()
+        {
+            return Err(self.networking_refused());
+        }
         let store = self.inner.store.clone();
         let spec = spec.clone();
         blocking(move || store.put_environment(&spec))
@@ -1441,5 +1476,20 @@ impl Pump {
             ExecutionFailure::Failed
         };
         let _ = self.send(ExecutionEvent::Error(failure)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_is_named_with_how_to_install_it() {
+        let reason = network_unavailable_reason(&local_network::NetworkError::ToolMissing {
+            tool: "nft",
+            package: "nftables",
+        });
+        assert!(reason.contains("`nft` is not installed"), "{reason}");
+        assert!(reason.contains("apt-get install nftables"), "{reason}");
     }
 }

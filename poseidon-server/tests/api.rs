@@ -72,27 +72,74 @@ async fn websocket_upgrade_needs_the_token() {
 }
 
 #[tokio::test]
-async fn unknown_paths_are_404_empty_and_wrong_methods_405() {
+async fn unknown_paths_ids_methods_and_queries_answer_with_json_messages() {
     let s = start().await;
-    for path in [
-        "/api/v1/nothing",
-        "/",
-        "/api/v2/health",
-        "/api/v1/execution-environments/abc",
-    ] {
+    let message = |body: &[u8]| -> Option<String> {
+        serde_json::from_slice::<Value>(body).ok()?["message"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let cases: Vec<(reqwest::Method, &str, u16)> = vec![
+        (reqwest::Method::GET, "/api/v1/nothing", 404),
+        (reqwest::Method::GET, "/", 404),
+        (reqwest::Method::GET, "/api/v2/health", 404),
+        (
+            reqwest::Method::GET,
+            "/api/v1/execution-environments/abc",
+            404,
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/v1/execution-environments/-1",
+            404,
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/v1/execution-environments/abc",
+            404,
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/api/v1/execution-environments/1.5",
+            404,
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/execution-environments/99999999999999999999",
+            400,
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/execution-environments?fetch=maybe",
+            400,
+        ),
+        (reqwest::Method::DELETE, "/api/v1/runners/-1", 410),
+        (reqwest::Method::DELETE, "/api/v1/runners/%20", 410),
+        (
+            reqwest::Method::GET,
+            "/api/v1/runners/x/files?recursive=maybe",
+            410,
+        ),
+        (reqwest::Method::GET, "/api/v1/runners/%FF/files", 400),
+        (reqwest::Method::POST, "/api/v1/health", 405),
+        (reqwest::Method::GET, "/api/v1/runners", 405),
+    ];
+    for (method, path, status) in cases {
         let r = s
             .client
-            .get(format!("http://{}{path}", s.host))
+            .request(method.clone(), format!("http://{}{path}", s.host))
+            .json(&json!({}))
             .send()
             .await
             .expect("send");
-        assert_eq!(r.status(), 404, "{path}");
-        assert!(r.bytes().await.expect("body").is_empty());
+        assert_eq!(r.status(), status, "{method} {path}");
+        let body = r.bytes().await.expect("body");
+        assert!(
+            message(&body).is_some_and(|m| !m.is_empty()),
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
-    let r = s.client.post(s.url("/health")).send().await.expect("send");
-    assert_eq!(r.status(), 405);
-    let r = s.client.get(s.url("/runners")).send().await.expect("send");
-    assert_eq!(r.status(), 405);
 }
 
 #[tokio::test]
@@ -1104,6 +1151,71 @@ async fn health_reports_a_depleting_pool_with_503() {
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["errorCode"], "PREWARMING_POOL_DEPLETING");
     assert!(body["message"].as_str().unwrap_or_default().contains('3'));
+}
+
+#[tokio::test]
+async fn an_environment_whose_runners_cannot_be_created_is_reported_and_not_retried() {
+    let s = start().await;
+    s.fake
+        .refuse_creates(Some("runner networking is not available on this machine"));
+    let r = s
+        .client
+        .put(s.url("/execution-environments/3"))
+        .json(&json!({
+            "image": "test-image", "prewarmingPoolSize": 2, "cpuLimit": 20,
+            "memoryLimit": 100, "networkAccess": false, "exposedPorts": []
+        }))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    let mut stats = Value::Null;
+    for _ in 0..200 {
+        stats = s
+            .client
+            .get(s.url("/statistics/execution-environments"))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("json");
+        if stats["3"]["creationError"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let reason = stats["3"]["creationError"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("runner networking is not available"),
+        "{stats}"
+    );
+    let attempts = s.fake.create_attempts();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.fake.create_attempts(), attempts, "no retries");
+
+    let r = s.client.get(s.url("/health")).send().await.expect("health");
+    assert_eq!(r.status(), 503, "reported even without an alert threshold");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["errorCode"], "PREWARMING_POOL_DEPLETING");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("environment 3 cannot get runners") && message.contains("networking"),
+        "{body}"
+    );
+    let metrics = s
+        .client
+        .get(format!("http://{}/metrics", s.host))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("poseidon_environment_creation_failed{environment_id=\"3\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
