@@ -1219,10 +1219,36 @@ async fn an_environment_whose_runners_cannot_be_created_is_reported_and_not_retr
 }
 
 #[tokio::test]
+async fn metrics_and_the_openapi_document_need_the_token() {
+    let s = start().await;
+    let plain = reqwest::Client::new();
+    for url in [format!("http://{}/metrics", s.host), s.url("/openapi.json")] {
+        let r = plain.get(&url).send().await.expect("send");
+        assert_eq!(r.status(), 401, "{url}");
+        let r = plain
+            .get(&url)
+            .header("Poseidon-Token", "wrong")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 401, "{url}");
+        let r = s.client.get(&url).send().await.expect("send");
+        assert_eq!(r.status(), 200, "{url}");
+    }
+    for path in ["/health", "/version"] {
+        let r = plain.get(s.url(path)).send().await.expect("send");
+        assert!(r.status().is_success(), "{path} stays open");
+    }
+}
+
+#[tokio::test]
 async fn metrics_show_request_durations_and_runner_counts() {
     let s = start().await;
     s.environment(8, 1).await;
-    let text = reqwest::get(format!("http://{}/metrics", s.host))
+    let text = s
+        .client
+        .get(format!("http://{}/metrics", s.host))
+        .send()
         .await
         .expect("metrics")
         .text()
@@ -1249,7 +1275,10 @@ async fn metrics_show_request_durations_and_runner_counts() {
 #[tokio::test]
 async fn openapi_document_has_every_route_and_schema_of_the_peer() {
     let s = start().await;
-    let doc: Value = reqwest::get(s.url("/openapi.json"))
+    let doc: Value = s
+        .client
+        .get(s.url("/openapi.json"))
+        .send()
         .await
         .expect("openapi")
         .json()

@@ -1,4 +1,6 @@
 //! The router: Poseidon's API v1 under `/api/v1`, plus `/metrics` and the OpenAPI document.
+//! Everything but `/health` and `/version` needs the token when one is configured (design §1),
+//! the metrics and the OpenAPI document included.
 //!
 //! Handlers stay small: they parse input (naming the field at fault), call the [`Manager`] and
 //! let [`ApiError`] pick the status.
@@ -52,6 +54,8 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/api/v1/runners/{runner_id}/websocket",
             get(runners::websocket),
         )
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
+        .route("/metrics", get(metrics::metrics_route))
         .route("/api/v1/execution-environments", get(environments::list))
         .route(
             "/api/v1/execution-environments/{environment_id}",
@@ -65,9 +69,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         ));
     let public = Router::new()
         .route("/api/v1/health", get(health))
-        .route("/api/v1/version", get(version))
-        .route("/api/v1/openapi.json", get(openapi::openapi_json))
-        .route("/metrics", get(metrics::metrics_route));
+        .route("/api/v1/version", get(version));
     let body_limit = state.settings.body_limit;
     protected
         .merge(public)
