@@ -219,6 +219,8 @@ pub struct LimitsConfig {
     pub executionidexpiry: u64,
     /// Output bytes after which an execution is ended with an error (0 = no cap).
     pub outputlimit: u64,
+    /// Most `delete` plus `copy` entries in one `PATCH /runners/{id}/files` request.
+    pub maxfileentries: u64,
 }
 
 impl Default for LimitsConfig {
@@ -233,6 +235,7 @@ impl Default for LimitsConfig {
             maxrunners: manager.max_runners,
             executionidexpiry: manager.execution_ttl.as_secs(),
             outputlimit: 0,
+            maxfileentries: crate::file_update::DEFAULT_MAX_FILE_ENTRIES as u64,
         }
     }
 }
@@ -472,6 +475,12 @@ impl Config {
         if self.limits.maxrunners == 0 {
             return Err(invalid("limits.maxrunners", "must be positive"));
         }
+        if self.limits.maxfileentries == 0 || usize::try_from(self.limits.maxfileentries).is_err() {
+            return Err(invalid(
+                "limits.maxfileentries",
+                "must be a positive number",
+            ));
+        }
         if self.limits.executionidexpiry == 0 {
             return Err(invalid("limits.executionidexpiry", "must be positive"));
         }
@@ -554,6 +563,7 @@ impl Config {
             tls: self.server.tls.active,
             release: self.release(),
             body_limit: usize::try_from(self.server.bodylimit).unwrap_or(usize::MAX),
+            max_file_entries: usize::try_from(self.limits.maxfileentries).unwrap_or(usize::MAX),
             bounds: self.bounds(),
             fallback_host: bound.to_string(),
         }
