@@ -221,6 +221,8 @@ pub struct LimitsConfig {
     pub outputlimit: u64,
     /// Most `delete` plus `copy` entries in one `PATCH /runners/{id}/files` request.
     pub maxfileentries: u64,
+    /// Most bytes of execution requests stored per runner and not yet connected.
+    pub maxpendingbytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -236,6 +238,7 @@ impl Default for LimitsConfig {
             executionidexpiry: manager.execution_ttl.as_secs(),
             outputlimit: 0,
             maxfileentries: crate::file_update::DEFAULT_MAX_FILE_ENTRIES as u64,
+            maxpendingbytes: manager.max_pending_bytes as u64,
         }
     }
 }
@@ -481,6 +484,13 @@ impl Config {
                 "must be a positive number",
             ));
         }
+        if self.limits.maxpendingbytes == 0 || usize::try_from(self.limits.maxpendingbytes).is_err()
+        {
+            return Err(invalid(
+                "limits.maxpendingbytes",
+                "must be a positive number of bytes",
+            ));
+        }
         if self.limits.executionidexpiry == 0 {
             return Err(invalid("limits.executionidexpiry", "must be positive"));
         }
@@ -535,6 +545,8 @@ impl Config {
             bounds: self.bounds(),
             max_runners: self.limits.maxrunners,
             execution_ttl: Duration::from_secs(self.limits.executionidexpiry),
+            max_pending_bytes: usize::try_from(self.limits.maxpendingbytes)
+                .unwrap_or(runner_core::DEFAULT_MAX_PENDING_BYTES),
             output_limit: (self.limits.outputlimit > 0).then_some(self.limits.outputlimit),
             alert_threshold: self.server.alert.prewarmingpoolthreshold,
             alert_reload_delay: (reload > 0).then(|| Duration::from_secs(reload)),

@@ -189,7 +189,8 @@ impl From<ManagerError> for ApiError {
             ManagerError::UnknownExecution => Self::NotFound(message),
             ManagerError::InvalidSpec(_)
             | ManagerError::InvalidExecution(_)
-            | ManagerError::TooManyPendingExecutions(_) => Self::BadRequest(message),
+            | ManagerError::TooManyPendingExecutions(_)
+            | ManagerError::PendingExecutionsTooLarge { .. } => Self::BadRequest(message),
             ManagerError::Files(f) => f.into(),
             ManagerError::Backend(b) => b.into(),
         }

@@ -1219,6 +1219,43 @@ async fn an_environment_whose_runners_cannot_be_created_is_reported_and_not_retr
 }
 
 #[tokio::test]
+async fn pending_executions_are_bounded_by_bytes_per_runner() {
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    // About 0.9 MiB per request: within what exec takes, so only the per-runner bound applies.
+    let environment: serde_json::Map<String, Value> = (0..8)
+        .map(|i| (format!("V{i}"), Value::String("x".repeat(120_000))))
+        .collect();
+    let body = json!({"command": "true", "environment": environment});
+    let mut statuses = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..6 {
+        let r = s
+            .client
+            .post(s.url(&format!("/runners/{runner}/execute")))
+            .json(&body)
+            .send()
+            .await
+            .expect("execute");
+        statuses.push(r.status().as_u16());
+        last = r.json().await.unwrap_or(Value::Null);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 400, 400], "{last}");
+    let message = last["message"].as_str().unwrap_or_default();
+    assert!(message.contains("more than 4194304 bytes"), "{last}");
+    // A small request still fits in what is left.
+    let r = s
+        .client
+        .post(s.url(&format!("/runners/{runner}/execute")))
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .expect("execute");
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
 async fn metrics_and_the_openapi_document_need_the_token() {
     let s = start().await;
     let plain = reqwest::Client::new();
