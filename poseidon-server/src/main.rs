@@ -149,10 +149,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let streams = state.streams.clone();
     let grace = Duration::from_secs(config.server.shutdowngrace);
+    let signals = serve::ShutdownSignals::install().context("catching SIGTERM and SIGINT")?;
     let watchdog = tokio::spawn(systemd::watchdog());
     systemd::notify("READY=1");
     let shutdown = async {
-        serve::shutdown_signal().await;
+        signals.received().await;
         systemd::notify("STOPPING=1");
     };
     let served = serve::serve(

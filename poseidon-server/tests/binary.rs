@@ -73,7 +73,13 @@ const POSEIDON_SHAPED: &str = include_str!("fixtures/poseidon-shaped-configurati
 async fn a_configuration_of_poseidons_shape_loads_and_unused_keys_are_logged_once() {
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("configuration.yaml"), POSEIDON_SHAPED).expect("write");
-    let mut server = common::process::spawn_in(dir, &[("POSEIDON_SERVER_BACKEND", "fake")]);
+    let mut server = common::process::spawn_in(
+        dir,
+        &[
+            ("POSEIDON_SERVER_BACKEND", "fake"),
+            ("POSEIDON_SERVER_SHUTDOWNGRACE", "1"),
+        ],
+    );
     let ignored: Vec<&String> = server
         .startup
         .iter()
@@ -92,6 +98,7 @@ async fn a_configuration_of_poseidons_shape_loads_and_unused_keys_are_logged_onc
         .await
         .expect("health");
     assert_eq!(r.status(), 204);
+    drop(r);
     server.signal("TERM");
     assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
 }
