@@ -145,6 +145,8 @@ struct Inner {
     tearing_down: Mutex<HashSet<RunnerId>>,
     /// How many background teardowns are running, for shutdown to wait for them.
     teardowns: tokio::sync::watch::Sender<usize>,
+    /// Why runner networking is not available, when it is not (for the client's 400).
+    network_unavailable: std::sync::OnceLock<String>,
 }
 
 /// The local sandbox backend. Cheap to clone; all clones share the same runners.
@@ -360,6 +362,10 @@ impl LocalExecutor {
     async fn start_network(&self) {
         let Some(config) = self.inner.config.network.clone() else {
             info!("runner networking disabled: runners have loopback only");
+            let _ = self.inner.network_unavailable.set(
+                "runner networking is disabled in the configuration (local.network.enabled: false)"
+                    .into(),
+            );
             return;
         };
         let survivors: Vec<Arc<Runner>> = lock(&self.inner.runners).values().cloned().collect();
@@ -390,7 +396,11 @@ impl LocalExecutor {
                     attempt += 1;
                 }
                 Err(e) => {
-                    warn!(error = %e, "runner networking unavailable: environments with networkAccess or exposedPorts cannot get runners");
+                    warn!(error = %e, "runner networking unavailable: environments with networkAccess or exposedPorts are refused");
+                    let _ = self
+                        .inner
+                        .network_unavailable
+                        .set(network_unavailable_reason(&e));
                     return;
                 }
             }
@@ -528,6 +538,7 @@ impl LocalExecutor {
             network: std::sync::OnceLock::new(),
             tearing_down: Mutex::new(HashSet::new()),
             teardowns: tokio::sync::watch::Sender::new(0),
+            network_unavailable: std::sync::OnceLock::new(),
         });
         inner.recover()?;
         Ok(LocalExecutor { inner })
@@ -583,6 +594,18 @@ impl LocalExecutor {
             .then(|| PathBuf::from(format!("/proc/{}/ns/net", runner.handle.pid)))
     }
 
+    /// The error for an environment that needs runner networking on a machine without it.
+    fn networking_refused(&self) -> BackendError {
+        let reason = self
+            .inner
+            .network_unavailable
+            .get()
+            .map_or("runner networking has not started", String::as_str);
+        BackendError::InvalidRequest(format!(
+            "networkAccess and exposedPorts need runner networking, which is not available on this machine: {reason}"
+        ))
+    }
+
     /// Gives a new runner the network its environment asks for.
     async fn connect_network(
         &self,
@@ -591,10 +614,7 @@ impl LocalExecutor {
         spec: &EnvironmentSpec,
     ) -> Result<RunnerNetwork, BackendError> {
         let Some(network) = self.inner.network.get() else {
-            return Err(BackendError::InvalidRequest(
-                "runner networking (networkAccess, exposedPorts) is not available on this machine"
-                    .into(),
-            ));
+            return Err(self.networking_refused());
         };
         let netns = PathBuf::from(format!("/proc/{}/ns/net", handle.pid));
         network
@@ -947,6 +967,16 @@ impl Inner {
     }
 }
 
+/// Why runner networking could not start, in words an operator can act on.
+fn network_unavailable_reason(error: &local_network::NetworkError) -> String {
+    match error {
+        local_network::NetworkError::ToolMissing { tool, package } => format!(
+            "`{tool}` is not installed; install it with `apt-get install {package}` and restart the server"
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// Rewrites a runner's record after its network changed on reattachment.
 fn update_network(store: &StateStore, id: &RunnerId, handle: &Handle) -> Result<(), BackendError> {
     let Some(mut record) = store.runner(id).map_err(internal)? else {
@@ -1050,6 +1080,11 @@ async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
 #[async_trait]
 impl ExecutorApi for LocalExecutor {
     async fn register_environment(&self, spec: &EnvironmentSpec) -> Result<(), BackendError> {
+        if (spec.network_access || !spec.exposed_ports.is_empty())
+            && self.inner.network.get().is_none()
+        {
+            return Err(self.networking_refused());
+        }
         let store = self.inner.store.clone();
         let spec = spec.clone();
         blocking(move || store.put_environment(&spec))
@@ -1737,5 +1772,20 @@ impl Pump {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = self.send(event).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_is_named_with_how_to_install_it() {
+        let reason = network_unavailable_reason(&local_network::NetworkError::ToolMissing {
+            tool: "nft",
+            package: "nftables",
+        });
+        assert!(reason.contains("`nft` is not installed"), "{reason}");
+        assert!(reason.contains("apt-get install nftables"), "{reason}");
     }
 }

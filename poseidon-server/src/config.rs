@@ -2,8 +2,11 @@
 //!
 //! Poseidon's keys keep their meaning (except `nomad.enabled`, which defaults to `false`); our
 //! own keys use the same lower-case, underscore-free scheme so every key has a variable. Keys
-//! this server does not use (`sentry.*`, `aws.*`, …) are accepted and ignored. Every invalid
-//! value is reported with its key.
+//! this server does not use (`sentry.*`, `aws.*`, `profiling.*`, `server.interactivestderr`, …)
+//! are accepted and listed by [`Config::ignored_keys`] so the binary can log them once. A key or
+//! section present without a value (YAML null, e.g. a section holding only commented-out keys,
+//! as in Poseidon's own example file) means its defaults. Every invalid value is reported with
+//! its key.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Format, Serialized, Yaml};
+use figment::providers::Serialized;
 use runner_core::{ManagerConfig, SpecBounds};
 use serde::{Deserialize, Serialize};
 
@@ -216,6 +219,10 @@ pub struct LimitsConfig {
     pub executionidexpiry: u64,
     /// Output bytes after which an execution is ended with an error (0 = no cap).
     pub outputlimit: u64,
+    /// Most `delete` plus `copy` entries in one `PATCH /runners/{id}/files` request.
+    pub maxfileentries: u64,
+    /// Most bytes of execution requests stored per runner and not yet connected.
+    pub maxpendingbytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -230,6 +237,8 @@ impl Default for LimitsConfig {
             maxrunners: manager.max_runners,
             executionidexpiry: manager.execution_ttl.as_secs(),
             outputlimit: 0,
+            maxfileentries: crate::file_update::DEFAULT_MAX_FILE_ENTRIES as u64,
+            maxpendingbytes: manager.max_pending_bytes as u64,
         }
     }
 }
@@ -312,6 +321,20 @@ pub struct Config {
     /// Environments created at start-up when they do not exist yet.
     #[serde(deserialize_with = "null_as_default")]
     pub environments: Vec<ExecutionEnvironment>,
+    /// Sections this server does not use (`aws`, `profiling`, …), accepted for compatibility.
+    #[serde(flatten)]
+    pub ignored: BTreeMap<String, figment::value::Value>,
+}
+
+/// Removes every mapping entry whose value is null, at any depth of nested mappings, so that a
+/// key present without a value takes its default. Sequences are left as they are.
+fn drop_null_entries(value: &mut serde_yaml::Value) {
+    if let serde_yaml::Value::Mapping(map) = value {
+        map.retain(|_, v| !v.is_null());
+        for (_, v) in map.iter_mut() {
+            drop_null_entries(v);
+        }
+    }
 }
 
 impl Config {
@@ -322,7 +345,16 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if file.exists() {
-            figment = figment.merge(Yaml::file_exact(file));
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", file.display())))?;
+            // Parsed here rather than by figment's YAML provider so that null entries can be
+            // dropped first: figment would let a null section replace its defaults.
+            let mut yaml: serde_yaml::Value = serde_yaml::from_str(&text)
+                .map_err(|e| ConfigError(format!("{}: {e}", file.display())))?;
+            drop_null_entries(&mut yaml);
+            if !yaml.is_null() {
+                figment = figment.merge(Serialized::defaults(yaml));
+            }
         }
         let vars: Vec<(String, String)> = env
             .into_iter()
@@ -347,12 +379,32 @@ impl Config {
         Ok(config)
     }
 
+    /// The keys present in the configuration that this server does not use, as dotted paths
+    /// (`aws`, `server.interactivestderr`, …), sorted. `sentry.release` is used (by `/version`);
+    /// the other `sentry` keys are not.
+    pub fn ignored_keys(&self) -> Vec<String> {
+        let sections = [
+            ("", &self.ignored),
+            ("server.", &self.server.ignored),
+            ("nomad.", &self.nomad.other),
+            ("influxdb.", &self.influxdb.other),
+            ("sentry.", &self.sentry),
+        ];
+        let mut keys: Vec<String> = sections
+            .into_iter()
+            .flat_map(|(prefix, map)| map.keys().map(move |k| format!("{prefix}{k}")))
+            .filter(|k| k != "sentry.release")
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.nomad.enabled {
             return Err(invalid(
                 "nomad.enabled",
-                "the Nomad backend is not available in this build; set it to false to use the embedded backend",
+                "the Nomad backend is not available yet; set it to false (the default) to use the embedded backend",
             ));
         }
         if self.server.address.parse::<IpAddr>().is_err() && self.server.address != "localhost" {
@@ -426,6 +478,19 @@ impl Config {
         if self.limits.maxrunners == 0 {
             return Err(invalid("limits.maxrunners", "must be positive"));
         }
+        if self.limits.maxfileentries == 0 || usize::try_from(self.limits.maxfileentries).is_err() {
+            return Err(invalid(
+                "limits.maxfileentries",
+                "must be a positive number",
+            ));
+        }
+        if self.limits.maxpendingbytes == 0 || usize::try_from(self.limits.maxpendingbytes).is_err()
+        {
+            return Err(invalid(
+                "limits.maxpendingbytes",
+                "must be a positive number of bytes",
+            ));
+        }
         if self.limits.executionidexpiry == 0 {
             return Err(invalid("limits.executionidexpiry", "must be positive"));
         }
@@ -480,6 +545,8 @@ impl Config {
             bounds: self.bounds(),
             max_runners: self.limits.maxrunners,
             execution_ttl: Duration::from_secs(self.limits.executionidexpiry),
+            max_pending_bytes: usize::try_from(self.limits.maxpendingbytes)
+                .unwrap_or(runner_core::DEFAULT_MAX_PENDING_BYTES),
             output_limit: (self.limits.outputlimit > 0).then_some(self.limits.outputlimit),
             alert_threshold: self.server.alert.prewarmingpoolthreshold,
             alert_reload_delay: (reload > 0).then(|| Duration::from_secs(reload)),
@@ -508,6 +575,7 @@ impl Config {
             tls: self.server.tls.active,
             release: self.release(),
             body_limit: usize::try_from(self.server.bodylimit).unwrap_or(usize::MAX),
+            max_file_entries: usize::try_from(self.limits.maxfileentries).unwrap_or(usize::MAX),
             bounds: self.bounds(),
             fallback_host: bound.to_string(),
         }
@@ -615,6 +683,43 @@ mod tests {
         let c = Config::load(example, vars(&[])).expect("example is valid");
         assert_eq!(c.listen_addr().to_string(), "127.0.0.1:7200");
         assert!((c.server.alert.prewarmingpoolthreshold - 0.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn null_sections_mean_defaults_and_poseidons_keys_are_ignored() {
+        let file = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/poseidon-shaped-configuration.yaml"
+        ));
+        let c = Config::load(file, vars(&[])).expect("Poseidon's shape loads");
+        assert!(c.influxdb.writer_config().is_none());
+        assert!(c.sentry.is_empty());
+        assert_eq!(c.release(), env!("CARGO_PKG_VERSION"));
+        assert!(!c.server.tls.active);
+        assert_eq!(c.server.alert.prewarmingpoolreloadtimeout, 300);
+        let ignored = c.ignored_keys();
+        for key in [
+            "aws",
+            "profiling",
+            "server.interactivestderr",
+            "server.systemdsocketactivation",
+            "nomad.disableforcepull",
+            "nomad.network",
+        ] {
+            assert!(ignored.iter().any(|k| k == key), "{key} in {ignored:?}");
+        }
+
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            f,
+            "server:\n  tls:\n  alert:\n  token:\nlocal:\n  network:\nlimits:\nlogger:\nenvironments:\nsentry:\n  release: r1\ninfluxdb:\nnomad:\n"
+        )
+        .expect("write");
+        let c = Config::load(f.path(), vars(&[])).expect("null sections are defaults");
+        assert_eq!(c.listen_addr().to_string(), "127.0.0.1:7200");
+        assert_eq!(c.release(), "r1");
+        assert!(c.local.backend_config().network.is_some());
+        assert!(c.ignored_keys().is_empty(), "{:?}", c.ignored_keys());
     }
 
     #[test]

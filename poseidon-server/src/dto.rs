@@ -58,7 +58,7 @@ pub struct ExecutionEnvironmentList {
 }
 
 /// The statistics of one environment.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentStatisticsEntry {
     /// The id of the execution environment.
@@ -69,6 +69,10 @@ pub struct EnvironmentStatisticsEntry {
     pub idle_runners: u32,
     /// Number of runners currently in use.
     pub used_runners: u32,
+    /// Why no runner of this environment can be created until it is changed (its pool has
+    /// stopped refilling); absent while runners can be created. Not in Poseidon's spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_error: Option<String>,
 }
 
 impl From<EnvironmentStatistics> for EnvironmentStatisticsEntry {
@@ -78,6 +82,7 @@ impl From<EnvironmentStatistics> for EnvironmentStatisticsEntry {
             prewarming_pool_size: s.prewarming_pool_size,
             idle_runners: s.idle_runners,
             used_runners: s.used_runners,
+            creation_error: None,
         }
     }
 }

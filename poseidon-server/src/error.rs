@@ -1,7 +1,7 @@
 //! The API's error answers: [`ApiError`] turns domain errors into Poseidon's statuses and bodies.
 //!
-//! Client errors carry `{"message"}`, server errors `{"message","errorCode"}`; 401, and 404 where
-//! Poseidon sends it so, have an empty body. Nothing here ever answers a 5xx the contract does not
+//! Client errors carry `{"message"}` (unknown routes and ids included), server errors
+//! `{"message","errorCode"}`; only 401 has an empty body. Nothing here ever answers a 5xx the contract does not
 //! list for a client's mistake.
 
 use axum::Json;
@@ -53,12 +53,12 @@ pub enum ApiError {
     /// 400 `{"message"}`.
     #[error("{0}")]
     BadRequest(String),
-    /// 404 with an empty body: an unknown route, or a path id that is not a number.
-    #[error("not found")]
-    NotFoundEmpty,
     /// 404 `{"message"}`.
     #[error("{0}")]
     NotFound(String),
+    /// 405 `{"message"}`: a known route with another method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// 410 `{"message"}`: the runner is unknown, idle or gone.
     #[error("{0}")]
     RunnerGone(String),
@@ -92,7 +92,8 @@ impl ApiError {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::NotFoundEmpty | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RunnerGone(_) => StatusCode::GONE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::FailedFileDependency => StatusCode::FAILED_DEPENDENCY,
@@ -106,7 +107,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         match self {
-            Self::Unauthorized | Self::NotFoundEmpty => status.into_response(),
+            Self::Unauthorized => status.into_response(),
             Self::Internal { message, code } => {
                 tracing::warn!(%message, ?code, "request failed");
                 let body = InternalServerError {
@@ -188,7 +189,8 @@ impl From<ManagerError> for ApiError {
             ManagerError::UnknownExecution => Self::NotFound(message),
             ManagerError::InvalidSpec(_)
             | ManagerError::InvalidExecution(_)
-            | ManagerError::TooManyPendingExecutions(_) => Self::BadRequest(message),
+            | ManagerError::TooManyPendingExecutions(_)
+            | ManagerError::PendingExecutionsTooLarge { .. } => Self::BadRequest(message),
             ManagerError::Files(f) => f.into(),
             ManagerError::Backend(b) => b.into(),
         }

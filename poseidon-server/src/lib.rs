@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod dto;
 pub mod error;
+pub mod file_update;
 pub mod input;
 pub mod metrics;
 pub mod openapi;

@@ -58,6 +58,7 @@ pub struct Metrics {
     idle: Family<EnvironmentLabels, Gauge>,
     used: Family<EnvironmentLabels, Gauge>,
     pool: Family<EnvironmentLabels, Gauge>,
+    creation_failed: Family<EnvironmentLabels, Gauge>,
     streams: Family<StreamLabels, Counter>,
 }
 
@@ -87,6 +88,12 @@ impl Metrics {
             "Configured prewarming pool size per environment",
             pool.clone(),
         );
+        let creation_failed = Family::default();
+        registry.register(
+            "environment_creation_failed",
+            "1 while an environment's runners cannot be created until it is changed",
+            creation_failed.clone(),
+        );
         let streams = Family::default();
         registry.register(
             "execution_streams",
@@ -99,6 +106,7 @@ impl Metrics {
             idle,
             used,
             pool,
+            creation_failed,
             streams,
         }
     }
@@ -124,6 +132,16 @@ impl Metrics {
         self.idle.clear();
         self.used.clear();
         self.pool.clear();
+        self.creation_failed.clear();
+        for env in state.manager.environments() {
+            let labels = EnvironmentLabels {
+                environment_id: env.spec().id.to_string(),
+            };
+            let failed = env.creation_failure().is_some();
+            self.creation_failed
+                .get_or_create(&labels)
+                .set(i64::from(failed));
+        }
         for (id, stats) in state.manager.statistics() {
             let labels = EnvironmentLabels {
                 environment_id: id.to_string(),

@@ -20,6 +20,8 @@ pub struct ApiSettings {
     pub release: String,
     /// The largest request body in bytes.
     pub body_limit: usize,
+    /// Most `delete` plus `copy` entries in one file request.
+    pub max_file_entries: usize,
     /// Bounds environment specifications must respect.
     pub bounds: SpecBounds,
     /// `host:port` used for `websocketUrl` when a request has no `Host` header.
@@ -33,6 +35,7 @@ impl Default for ApiSettings {
             tls: false,
             release: env!("CARGO_PKG_VERSION").to_string(),
             body_limit: 64 * 1024 * 1024,
+            max_file_entries: crate::file_update::DEFAULT_MAX_FILE_ENTRIES,
             bounds: SpecBounds::default(),
             fallback_host: "127.0.0.1:7200".into(),
         }

@@ -72,27 +72,74 @@ async fn websocket_upgrade_needs_the_token() {
 }
 
 #[tokio::test]
-async fn unknown_paths_are_404_empty_and_wrong_methods_405() {
+async fn unknown_paths_ids_methods_and_queries_answer_with_json_messages() {
     let s = start().await;
-    for path in [
-        "/api/v1/nothing",
-        "/",
-        "/api/v2/health",
-        "/api/v1/execution-environments/abc",
-    ] {
+    let message = |body: &[u8]| -> Option<String> {
+        serde_json::from_slice::<Value>(body).ok()?["message"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let cases: Vec<(reqwest::Method, &str, u16)> = vec![
+        (reqwest::Method::GET, "/api/v1/nothing", 404),
+        (reqwest::Method::GET, "/", 404),
+        (reqwest::Method::GET, "/api/v2/health", 404),
+        (
+            reqwest::Method::GET,
+            "/api/v1/execution-environments/abc",
+            404,
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/v1/execution-environments/-1",
+            404,
+        ),
+        (
+            reqwest::Method::PUT,
+            "/api/v1/execution-environments/abc",
+            404,
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/api/v1/execution-environments/1.5",
+            404,
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/execution-environments/99999999999999999999",
+            400,
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/v1/execution-environments?fetch=maybe",
+            400,
+        ),
+        (reqwest::Method::DELETE, "/api/v1/runners/-1", 410),
+        (reqwest::Method::DELETE, "/api/v1/runners/%20", 410),
+        (
+            reqwest::Method::GET,
+            "/api/v1/runners/x/files?recursive=maybe",
+            410,
+        ),
+        (reqwest::Method::GET, "/api/v1/runners/%FF/files", 400),
+        (reqwest::Method::POST, "/api/v1/health", 405),
+        (reqwest::Method::GET, "/api/v1/runners", 405),
+    ];
+    for (method, path, status) in cases {
         let r = s
             .client
-            .get(format!("http://{}{path}", s.host))
+            .request(method.clone(), format!("http://{}{path}", s.host))
+            .json(&json!({}))
             .send()
             .await
             .expect("send");
-        assert_eq!(r.status(), 404, "{path}");
-        assert!(r.bytes().await.expect("body").is_empty());
+        assert_eq!(r.status(), status, "{method} {path}");
+        let body = r.bytes().await.expect("body");
+        assert!(
+            message(&body).is_some_and(|m| !m.is_empty()),
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
-    let r = s.client.post(s.url("/health")).send().await.expect("send");
-    assert_eq!(r.status(), 405);
-    let r = s.client.get(s.url("/runners")).send().await.expect("send");
-    assert_eq!(r.status(), 405);
 }
 
 #[tokio::test]
@@ -1107,10 +1154,138 @@ async fn health_reports_a_depleting_pool_with_503() {
 }
 
 #[tokio::test]
+async fn an_environment_whose_runners_cannot_be_created_is_reported_and_not_retried() {
+    let s = start().await;
+    s.fake
+        .refuse_creates(Some("runner networking is not available on this machine"));
+    let r = s
+        .client
+        .put(s.url("/execution-environments/3"))
+        .json(&json!({
+            "image": "test-image", "prewarmingPoolSize": 2, "cpuLimit": 20,
+            "memoryLimit": 100, "networkAccess": false, "exposedPorts": []
+        }))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    let mut stats = Value::Null;
+    for _ in 0..200 {
+        stats = s
+            .client
+            .get(s.url("/statistics/execution-environments"))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("json");
+        if stats["3"]["creationError"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let reason = stats["3"]["creationError"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("runner networking is not available"),
+        "{stats}"
+    );
+    let attempts = s.fake.create_attempts();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.fake.create_attempts(), attempts, "no retries");
+
+    let r = s.client.get(s.url("/health")).send().await.expect("health");
+    assert_eq!(r.status(), 503, "reported even without an alert threshold");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["errorCode"], "PREWARMING_POOL_DEPLETING");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("environment 3 cannot get runners") && message.contains("networking"),
+        "{body}"
+    );
+    let metrics = s
+        .client
+        .get(format!("http://{}/metrics", s.host))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("poseidon_environment_creation_failed{environment_id=\"3\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn pending_executions_are_bounded_by_bytes_per_runner() {
+    let s = start().await;
+    s.environment(1, 1).await;
+    let runner = s.claim(1, 0).await;
+    // About 0.9 MiB per request: within what exec takes, so only the per-runner bound applies.
+    let environment: serde_json::Map<String, Value> = (0..8)
+        .map(|i| (format!("V{i}"), Value::String("x".repeat(120_000))))
+        .collect();
+    let body = json!({"command": "true", "environment": environment});
+    let mut statuses = Vec::new();
+    let mut last = Value::Null;
+    for _ in 0..6 {
+        let r = s
+            .client
+            .post(s.url(&format!("/runners/{runner}/execute")))
+            .json(&body)
+            .send()
+            .await
+            .expect("execute");
+        statuses.push(r.status().as_u16());
+        last = r.json().await.unwrap_or(Value::Null);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 400, 400], "{last}");
+    let message = last["message"].as_str().unwrap_or_default();
+    assert!(message.contains("more than 4194304 bytes"), "{last}");
+    // A small request still fits in what is left.
+    let r = s
+        .client
+        .post(s.url(&format!("/runners/{runner}/execute")))
+        .json(&json!({"command": "true"}))
+        .send()
+        .await
+        .expect("execute");
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn metrics_and_the_openapi_document_need_the_token() {
+    let s = start().await;
+    let plain = reqwest::Client::new();
+    for url in [format!("http://{}/metrics", s.host), s.url("/openapi.json")] {
+        let r = plain.get(&url).send().await.expect("send");
+        assert_eq!(r.status(), 401, "{url}");
+        let r = plain
+            .get(&url)
+            .header("Poseidon-Token", "wrong")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 401, "{url}");
+        let r = s.client.get(&url).send().await.expect("send");
+        assert_eq!(r.status(), 200, "{url}");
+    }
+    for path in ["/health", "/version"] {
+        let r = plain.get(s.url(path)).send().await.expect("send");
+        assert!(r.status().is_success(), "{path} stays open");
+    }
+}
+
+#[tokio::test]
 async fn metrics_show_request_durations_and_runner_counts() {
     let s = start().await;
     s.environment(8, 1).await;
-    let text = reqwest::get(format!("http://{}/metrics", s.host))
+    let text = s
+        .client
+        .get(format!("http://{}/metrics", s.host))
+        .send()
         .await
         .expect("metrics")
         .text()
@@ -1137,7 +1312,10 @@ async fn metrics_show_request_durations_and_runner_counts() {
 #[tokio::test]
 async fn openapi_document_has_every_route_and_schema_of_the_peer() {
     let s = start().await;
-    let doc: Value = reqwest::get(s.url("/openapi.json"))
+    let doc: Value = s
+        .client
+        .get(s.url("/openapi.json"))
+        .send()
         .await
         .expect("openapi")
         .json()

@@ -67,6 +67,57 @@ fn invalid_configuration_exits_2_naming_the_key() {
     );
 }
 
+const POSEIDON_SHAPED: &str = include_str!("fixtures/poseidon-shaped-configuration.yaml");
+
+#[tokio::test]
+async fn a_configuration_of_poseidons_shape_loads_and_unused_keys_are_logged_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("configuration.yaml"), POSEIDON_SHAPED).expect("write");
+    let mut server = common::process::spawn_in(
+        dir,
+        &[
+            ("POSEIDON_SERVER_BACKEND", "fake"),
+            ("POSEIDON_SERVER_SHUTDOWNGRACE", "1"),
+        ],
+    );
+    let ignored: Vec<&String> = server
+        .startup
+        .iter()
+        .filter(|l| l.contains("are ignored"))
+        .collect();
+    assert_eq!(ignored.len(), 1, "{:#?}", server.startup);
+    for key in [
+        "aws",
+        "profiling",
+        "server.interactivestderr",
+        "nomad.disableforcepull",
+    ] {
+        assert!(ignored[0].contains(key), "{key} in {}", ignored[0]);
+    }
+    let r = reqwest::get(format!("http://{}/api/v1/health", server.addr))
+        .await
+        .expect("health");
+    assert_eq!(r.status(), 204);
+    drop(r);
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn nomad_enabled_in_the_file_exits_2_saying_the_backend_is_not_available() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = POSEIDON_SHAPED.replace("  enabled: false\n  address", "  enabled: true\n  address");
+    assert_ne!(file, POSEIDON_SHAPED);
+    std::fs::write(dir.path().join("configuration.yaml"), file).expect("write");
+    let out = command(dir.path()).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nomad.enabled") && stderr.contains("Nomad backend is not available yet"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn serves_from_a_configuration_file_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("dir");

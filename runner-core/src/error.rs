@@ -30,6 +30,17 @@ pub enum ManagerError {
     /// Too many execution requests are stored on this runner and not yet connected (HTTP 400).
     #[error("too many pending executions on runner {0}")]
     TooManyPendingExecutions(RunnerId),
+    /// The execution requests stored on this runner and not yet connected would hold more
+    /// than the configured bytes (HTTP 400).
+    #[error(
+        "pending executions on runner {runner} would hold more than {limit} bytes; connect to the stored executions (or let them expire) first"
+    )]
+    PendingExecutionsTooLarge {
+        /// The runner.
+        runner: RunnerId,
+        /// The configured bound in bytes.
+        limit: usize,
+    },
     /// A file operation failed (424, 500 `UNKNOWN` or 400 by kind).
     #[error(transparent)]
     Files(#[from] FileError),

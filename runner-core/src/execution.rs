@@ -105,6 +105,18 @@ impl ExecutionRequest {
         }
     }
 
+    /// About how many bytes of memory the request holds while it is stored: its text plus a
+    /// per-allocation overhead, so that many tiny variables are not counted as free.
+    pub fn stored_size(&self) -> usize {
+        const PER_ALLOCATION: usize = 64;
+        let variables: usize = self
+            .environment
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 2 * PER_ALLOCATION)
+            .sum();
+        self.command.len() + PER_ALLOCATION + variables
+    }
+
     /// The time limit, if any.
     pub fn time_limit(&self) -> Option<Duration> {
         (self.time_limit > 0).then(|| Duration::from_secs(self.time_limit))

@@ -136,6 +136,14 @@ pub enum BackendError {
     Internal(String),
 }
 
+impl BackendError {
+    /// Whether retrying the same call cannot succeed until the request changes (e.g. an
+    /// environment asks for networking on a machine without it): a refill loop stops on it.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::InvalidRequest(_))
+    }
+}
+
 /// A sandbox backend: everything the manager needs from the place runners actually live.
 ///
 /// Contract for implementors:

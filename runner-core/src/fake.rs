@@ -65,6 +65,7 @@ pub struct FakeExecutor {
     failing_creates: Arc<AtomicU32>,
     failing_environment_deletes: Arc<AtomicU32>,
     failing_executes: Arc<AtomicU32>,
+    creation_refusal: Arc<Mutex<Option<String>>>,
     running_executions: Arc<AtomicUsize>,
     create_attempts: Arc<AtomicUsize>,
     creating_now: Arc<AtomicUsize>,
@@ -91,6 +92,7 @@ impl FakeExecutor {
             failing_creates: Arc::default(),
             failing_environment_deletes: Arc::default(),
             failing_executes: Arc::default(),
+            creation_refusal: Arc::default(),
             running_executions: Arc::default(),
             create_attempts: Arc::default(),
             creating_now: Arc::default(),
@@ -109,6 +111,15 @@ impl FakeExecutor {
     /// Makes the next `n` runner creations fail.
     pub fn fail_next_creates(&self, n: u32) {
         self.failing_creates.store(n, Ordering::SeqCst);
+    }
+
+    /// While `reason` is set, every runner creation fails as a request the backend can never
+    /// serve ([`BackendError::InvalidRequest`]), e.g. networking on a machine without it.
+    pub fn refuse_creates(&self, reason: Option<&str>) {
+        *self
+            .creation_refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = reason.map(str::to_string);
     }
 
     /// Makes the next `n` calls of `delete_environment` fail as if the backend were unreachable.
@@ -270,6 +281,14 @@ impl ExecutorApi for FakeExecutor {
             tokio::time::sleep(delay).await;
         }
         self.creating_now.fetch_sub(1, Ordering::SeqCst);
+        let refusal = self
+            .creation_refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(reason) = refusal {
+            return Err(BackendError::InvalidRequest(reason));
+        }
         let fail = self
             .failing_creates
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

@@ -38,7 +38,10 @@ pub use files::{
     FileContent, FileCopy, FileError, FileFailure, FileHeader, FileUpdate, ListFilesRequest,
 };
 pub use ids::{EnvironmentId, ExecutionId, InvalidId, RunnerId};
-pub use manager::{ManagedEnvironment, ManagerConfig, RecoveryReport, RunnerManager, UsedRunner};
+pub use manager::{
+    DEFAULT_MAX_PENDING_BYTES, ManagedEnvironment, ManagerConfig, RecoveryReport, RunnerManager,
+    UsedRunner,
+};
 pub use pool::PrewarmingPool;
 pub use timer::InactivityTimer;
 pub use traits::{Environment, Manager, PutOutcome, Runner};

@@ -63,6 +63,12 @@ pub trait Environment: Send + Sync + fmt::Debug {
     /// Idle and used runner counts.
     fn statistics(&self) -> EnvironmentStatistics;
 
+    /// Why no runner of this environment can be created until its specification changes, when
+    /// the backend said so (its pool has stopped refilling).
+    fn creation_failure(&self) -> Option<String> {
+        None
+    }
+
     /// Whether idle/pool is below `threshold` (a pool of size 0 never is).
     fn is_depleting(&self, threshold: f64) -> bool {
         let stats = self.statistics();
@@ -123,4 +129,12 @@ pub trait Manager: Send + Sync + fmt::Debug {
 
     /// Environments whose idle/pool ratio is below the configured alert threshold.
     fn depleting_environments(&self) -> Vec<EnvironmentId>;
+
+    /// Environments that cannot get runners until their specification changes, with the reason.
+    fn failed_environments(&self) -> Vec<(EnvironmentId, String)> {
+        self.environments()
+            .iter()
+            .filter_map(|e| e.creation_failure().map(|reason| (e.spec().id, reason)))
+            .collect()
+    }
 }

@@ -76,6 +76,50 @@ async fn refill_after_claims_converges_to_the_pool_size() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_permanent_creation_failure_stops_the_refill_until_the_environment_changes() {
+    let fake = FakeExecutor::new();
+    fake.refuse_creates(Some("runner networking is not available"));
+    let config = ManagerConfig {
+        refill_concurrency: 1,
+        ..config()
+    };
+    let manager = started(&fake, config).await;
+    manager.put_environment(spec(1, 3)).await.unwrap();
+    eventually("the failure is reported", || {
+        !manager.failed_environments().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        fake.create_attempts(),
+        1,
+        "a permanent failure is not retried"
+    );
+    let failed = manager.failed_environments();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, env_id(1));
+    assert!(
+        failed[0].1.contains("runner networking is not available"),
+        "{failed:?}"
+    );
+    let _ = manager.claim(env_id(1), Duration::ZERO).unwrap_err();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.create_attempts(), 1, "a claim does not restart it");
+
+    // A pool-size change keeps the failure: the specification still cannot be served.
+    manager.put_environment(spec(1, 4)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.create_attempts(), 1);
+
+    fake.refuse_creates(None);
+    let mut changed = spec(1, 3);
+    changed.memory_limit = 256;
+    manager.put_environment(changed).await.unwrap();
+    assert!(manager.failed_environments().is_empty());
+    eventually("the pool fills after the change", || idle(&manager, 1) == 3).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn failing_backend_is_retried_with_capped_backoff_and_the_pool_converges() {
     let fake = FakeExecutor::new();
     fake.fail_next_creates(12);

@@ -28,11 +28,13 @@ fn fetch_flag(q: QueryMap) -> Result<bool, ApiError> {
     input::query_bool(query(q)?.get("fetch"), "fetch", false)
 }
 
-/// Parses the path id: non-digits are an unknown route (404, as Poseidon's `[0-9]+`), digits out
-/// of range a 400.
+/// Parses the path id: non-digits are a 404 (Poseidon's route only matches `[0-9]+`), with a
+/// message as design §1 gives every client error; digits out of range are a 400.
 fn environment_id(text: &str) -> Result<EnvironmentId, ApiError> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::NotFoundEmpty);
+        return Err(ApiError::NotFound(format!(
+            "execution environment not found: `{text}` is not an environment id (a non-negative integer)"
+        )));
     }
     text.parse().map_err(|_| {
         ApiError::field(
@@ -239,11 +241,8 @@ mod tests {
 
     #[test]
     fn path_ids_follow_poseidon() {
-        assert!(matches!(
-            environment_id("abc"),
-            Err(ApiError::NotFoundEmpty)
-        ));
-        assert!(matches!(environment_id("-1"), Err(ApiError::NotFoundEmpty)));
+        assert!(matches!(environment_id("abc"), Err(ApiError::NotFound(_))));
+        assert!(matches!(environment_id("-1"), Err(ApiError::NotFound(_))));
         assert!(matches!(
             environment_id("99999999999999999999"),
             Err(ApiError::BadRequest(_))

@@ -1,4 +1,6 @@
 //! The router: Poseidon's API v1 under `/api/v1`, plus `/metrics` and the OpenAPI document.
+//! Everything but `/health` and `/version` needs the token when one is configured (design §1),
+//! the metrics and the OpenAPI document included.
 //!
 //! Handlers stay small: they parse input (naming the field at fault), call the [`Manager`] and
 //! let [`ApiError`] pick the status.
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode, Uri};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -52,6 +54,8 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/api/v1/runners/{runner_id}/websocket",
             get(runners::websocket),
         )
+        .route("/api/v1/openapi.json", get(openapi::openapi_json))
+        .route("/metrics", get(metrics::metrics_route))
         .route("/api/v1/execution-environments", get(environments::list))
         .route(
             "/api/v1/execution-environments/{environment_id}",
@@ -65,19 +69,28 @@ pub fn app(state: Arc<AppState>) -> Router {
         ));
     let public = Router::new()
         .route("/api/v1/health", get(health))
-        .route("/api/v1/version", get(version))
-        .route("/api/v1/openapi.json", get(openapi::openapi_json))
-        .route("/metrics", get(metrics::metrics_route));
+        .route("/api/v1/version", get(version));
     let body_limit = state.settings.body_limit;
     protected
         .merge(public)
-        .fallback(|| async { StatusCode::NOT_FOUND })
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             metrics::track_requests,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// 404 `{"message"}` for a path no route matches.
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route {method} {}", uri.path()))
+}
+
+/// 405 `{"message"}` for a known path with a method it does not take.
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} does not take the method {method}", uri.path()))
 }
 
 /// Whether the service is healthy: 503 while a prewarming pool is below the alert threshold.
@@ -87,15 +100,30 @@ pub fn app(state: Arc<AppState>) -> Router {
         (status = 503, description = "A prewarming pool is depleting", body = crate::error::InternalServerError),
     ))]
 pub async fn health(State(state): State<Arc<AppState>>) -> Result<StatusCode, ApiError> {
-    let depleting = state.manager.depleting_environments();
-    if depleting.is_empty() {
+    let failed = state.manager.failed_environments();
+    let depleting: Vec<String> = state
+        .manager
+        .depleting_environments()
+        .iter()
+        .filter(|id| !failed.iter().any(|(f, _)| f == *id))
+        .map(ToString::to_string)
+        .collect();
+    if depleting.is_empty() && failed.is_empty() {
         return Ok(StatusCode::NO_CONTENT);
     }
-    let ids: Vec<String> = depleting.iter().map(ToString::to_string).collect();
-    Err(ApiError::Depleting(format!(
-        "the prewarming pool is depleting: environments {}",
-        ids.join(", ")
-    )))
+    // An environment whose runners cannot be created is reported whatever the threshold: its
+    // pool stays empty until an operator acts.
+    let mut problems: Vec<String> = failed
+        .iter()
+        .map(|(id, reason)| format!("environment {id} cannot get runners: {reason}"))
+        .collect();
+    if !depleting.is_empty() {
+        problems.push(format!(
+            "the prewarming pool is depleting: environments {}",
+            depleting.join(", ")
+        ));
+    }
+    Err(ApiError::Depleting(problems.join("; ")))
 }
 
 /// The release of this server, as a JSON string.
@@ -118,9 +146,14 @@ pub async fn version(State(state): State<Arc<AppState>>) -> Response {
 pub async fn statistics(State(state): State<Arc<AppState>>) -> Json<EnvironmentStatisticsMap> {
     let map: BTreeMap<String, EnvironmentStatisticsEntry> = state
         .manager
-        .statistics()
-        .into_iter()
-        .map(|(id, stats)| (id.to_string(), stats.into()))
+        .environments()
+        .iter()
+        .map(|env| {
+            let stats = env.statistics();
+            let mut entry = EnvironmentStatisticsEntry::from(stats);
+            entry.creation_error = env.creation_failure();
+            (stats.id.to_string(), entry)
+        })
         .collect();
     Json(map)
 }

@@ -16,12 +16,10 @@ use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, HOST
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
-use base64::Engine;
-use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use runner_core::{
-    EnvironmentId, ExecutionId, ExecutionRequest, FileCopy, FileUpdate, ListFilesRequest, Runner,
-    RunnerId, TakenExecution,
+    EnvironmentId, ExecutionId, ExecutionRequest, ListFilesRequest, Runner, RunnerId,
+    TakenExecution,
 };
 use serde_json::Value;
 
@@ -135,7 +133,7 @@ pub async fn update_files(
     RawBody(body): RawBody,
 ) -> Result<StatusCode, ApiError> {
     let runner = used_runner(&state, &id)?;
-    let update = parse_file_update(&body)?;
+    let update = crate::file_update::parse_file_update(&body, state.settings.max_file_entries)?;
     runner.update_files(update).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -403,71 +401,6 @@ fn parse_execution_request(body: &[u8]) -> Result<ExecutionRequest, ApiError> {
     Ok(request)
 }
 
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    let engine = base64::engine::general_purpose::STANDARD;
-    engine.decode(text).ok().or_else(|| {
-        base64::engine::general_purpose::STANDARD_NO_PAD
-            .decode(text)
-            .ok()
-    })
-}
-
-fn parse_file_update(body: &[u8]) -> Result<FileUpdate, ApiError> {
-    let map = input::json_object(body)?;
-    let delete = match map.get("delete") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let field = format!("delete[{i}]");
-                match item {
-                    Value::String(path) => {
-                        input::file_path(path, &field)?;
-                        Ok(path.clone())
-                    }
-                    _ => Err(ApiError::field(&field, "must be a string")),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(ApiError::field("delete", "must be an array of paths")),
-    };
-    let copy = match map.get("copy") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let Value::Object(entry) = item else {
-                    return Err(ApiError::field(&format!("copy[{i}]"), "must be an object"));
-                };
-                let path_field = format!("copy[{i}].path");
-                let path = match entry.get("path") {
-                    Some(Value::String(p)) => p.clone(),
-                    Some(Value::Null) | None => {
-                        return Err(ApiError::field(&path_field, "is required"));
-                    }
-                    Some(_) => return Err(ApiError::field(&path_field, "must be a string")),
-                };
-                input::file_path(&path, &path_field)?;
-                let content_field = format!("copy[{i}].content");
-                let content = match entry.get("content") {
-                    None | Some(Value::Null) => Bytes::new(),
-                    Some(Value::String(text)) => decode_base64(text)
-                        .map(Bytes::from)
-                        .ok_or_else(|| ApiError::field(&content_field, "must be valid base64"))?,
-                    Some(_) => {
-                        return Err(ApiError::field(&content_field, "must be a base64 string"));
-                    }
-                };
-                Ok(FileCopy { path, content })
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(ApiError::field("copy", "must be an array of files")),
-    };
-    Ok(FileUpdate { delete, copy })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,29 +440,6 @@ mod tests {
         assert!(
             err(parse_execution_request(b"{\"command\":\"a\\u0000b\"}")).starts_with("command")
         );
-    }
-
-    #[test]
-    fn file_updates_decode_base64_and_name_bad_entries() {
-        let u = parse_file_update(
-            br#"{"delete":["a"],"copy":[{"path":"x","content":"aGk="},{"path":"d/"}]}"#,
-        )
-        .expect("valid");
-        assert_eq!(u.delete, vec!["a".to_string()]);
-        assert_eq!(u.copy[0].content, Bytes::from_static(b"hi"));
-        assert!(u.copy[1].content.is_empty());
-        assert!(
-            err(parse_file_update(
-                br#"{"copy":[{"path":"x","content":"!!"}]}"#
-            ))
-            .starts_with("copy[0].content")
-        );
-        assert!(
-            err(parse_file_update(br#"{"copy":[{"content":"aGk="}]}"#)).starts_with("copy[0].path")
-        );
-        assert!(err(parse_file_update(br#"{"copy":[{"path":""}]}"#)).starts_with("copy[0].path"));
-        assert!(err(parse_file_update(br#"{"delete":[1]}"#)).starts_with("delete[0]"));
-        assert!(err(parse_file_update(br#"{"delete":"a"}"#)).starts_with("delete"));
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub struct ServerProcess {
     pub addr: String,
     pub dir: tempfile::TempDir,
     pub log: mpsc::Receiver<String>,
+    /// The log lines written before the server listened.
+    pub startup: Vec<String>,
 }
 
 pub fn command(dir: &std::path::Path) -> Command {
@@ -70,6 +72,7 @@ pub fn spawn_in(dir: tempfile::TempDir, vars: &[(&str, &str)]) -> ServerProcess 
         addr,
         dir,
         log: rx,
+        startup: seen,
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! The refill task never blocks a claim: claims only take from the pool and wake the task. It
 //! creates runners with bounded concurrency (a semaphore shared by all environments) and backs
-//! off exponentially, capped, while the backend fails.
+//! off exponentially, capped, while the backend fails. A failure that will not go away by
+//! retrying ([`BackendError::is_permanent`]) stops the refilling until the specification
+//! changes; the reason is kept for statistics, metrics and `/health`.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -12,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::RunnerManager;
 use crate::backoff::Backoff;
@@ -31,6 +33,8 @@ struct State {
     generation: u64,
     pool: PrewarmingPool,
     closed: bool,
+    /// Why runners of the current specification cannot be created; refilling stops while set.
+    creation_failure: Option<String>,
 }
 
 /// An environment with its prewarming pool. Obtained through [`crate::Manager::environment`].
@@ -53,6 +57,7 @@ impl ManagedEnvironment {
                 spec: Arc::new(spec),
                 generation: 0,
                 closed: false,
+                creation_failure: None,
             }),
             used: AtomicI64::new(0),
             refill: Notify::new(),
@@ -130,7 +135,19 @@ impl ManagedEnvironment {
         state.pool.set_target(spec.prewarming_pool_size);
         state.spec = Arc::new(spec);
         state.generation += 1;
+        state.creation_failure = None;
         state.pool.drain()
+    }
+
+    /// Records that runners of `generation` cannot be created; returns whether this is news
+    /// (the first such failure of the current specification).
+    fn fail_permanently(&self, generation: u64, reason: String) -> bool {
+        let mut state = self.lock();
+        if generation != state.generation || state.creation_failure.is_some() {
+            return false;
+        }
+        state.creation_failure = Some(reason);
+        true
     }
 
     /// Stops the refill task and returns every idle runner, to be destroyed.
@@ -153,7 +170,7 @@ impl ManagedEnvironment {
     /// Reserves one creation if the pool is short: the spec to create from and its generation.
     fn reserve(&self) -> Option<(Arc<EnvironmentSpec>, u64)> {
         let mut state = self.lock();
-        if state.closed || !state.pool.reserve_creation() {
+        if state.closed || state.creation_failure.is_some() || !state.pool.reserve_creation() {
             return None;
         }
         Some((Arc::clone(&state.spec), state.generation))
@@ -193,6 +210,10 @@ impl Environment for ManagedEnvironment {
             used_runners: u32::try_from(self.used.load(Ordering::SeqCst).max(0))
                 .unwrap_or(u32::MAX),
         }
+    }
+
+    fn creation_failure(&self) -> Option<String> {
+        self.lock().creation_failure.clone()
     }
 }
 
@@ -240,6 +261,13 @@ impl RunnerManager {
                             debug!(runner_id = %info.id, environment_id = %env.id, "runner created");
                             if let Some(unwanted) = env.finish(Some((info, generation))) {
                                 self.destroy_in_background(unwanted.id, DestroyReason::EnvironmentUpdated);
+                            }
+                        }
+                        Ok((Err(err), generation)) if err.is_permanent() => {
+                            env.finish(None);
+                            backoff.succeed();
+                            if env.fail_permanently(generation, err.to_string()) {
+                                error!(environment_id = %env.id, error = %err, "runners of this environment cannot be created; refilling stops until the environment is changed");
                             }
                         }
                         Ok((Err(err), _)) => {

@@ -37,6 +37,9 @@ use crate::traits::{Environment, Manager, PutOutcome, Runner};
 /// How long shutdown waits for background backend calls.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
+/// Default of [`ManagerConfig::max_pending_bytes`]: a few requests of the largest size exec takes.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 4 << 20;
+
 /// How the manager behaves; every field has a sensible default.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -54,6 +57,9 @@ pub struct ManagerConfig {
     pub execution_ttl: Duration,
     /// Most stored, not yet started execution requests per runner.
     pub max_pending_executions: usize,
+    /// Most bytes of stored, not yet started execution requests per runner (see
+    /// [`crate::ExecutionRequest::stored_size`]); one request may use them all.
+    pub max_pending_bytes: usize,
     /// Optional cap on the output bytes of one execution.
     pub output_limit: Option<u64>,
     /// How long a cancelled execution may take to end before its runner is destroyed.
@@ -75,6 +81,7 @@ impl Default for ManagerConfig {
             max_attempts: 8,
             execution_ttl: Duration::from_secs(300),
             max_pending_executions: 256,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             output_limit: None,
             stop_grace: Duration::from_secs(3),
             alert_threshold: 0.0,

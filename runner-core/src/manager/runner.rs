@@ -30,6 +30,7 @@ use crate::traits::Runner;
 pub(super) struct RunnerSettings {
     execution_ttl: Duration,
     max_pending: usize,
+    max_pending_bytes: usize,
     limits: ExecutionLimits,
 }
 
@@ -38,6 +39,7 @@ impl From<&ManagerConfig> for RunnerSettings {
         Self {
             execution_ttl: config.execution_ttl,
             max_pending: config.max_pending_executions,
+            max_pending_bytes: config.max_pending_bytes,
             limits: ExecutionLimits {
                 output_limit: config.output_limit,
                 stop_grace: config.stop_grace,
@@ -182,6 +184,13 @@ impl Runner for UsedRunner {
         pending.retain(|_, (_, expires)| *expires > now);
         if pending.len() >= self.settings.max_pending {
             return Err(ManagerError::TooManyPendingExecutions(self.info.id.clone()));
+        }
+        let stored: usize = pending.values().map(|(r, _)| r.stored_size()).sum();
+        if stored.saturating_add(request.stored_size()) > self.settings.max_pending_bytes {
+            return Err(ManagerError::PendingExecutionsTooLarge {
+                runner: self.info.id.clone(),
+                limit: self.settings.max_pending_bytes,
+            });
         }
         let id = ExecutionId::generate();
         pending.insert(id, (request, now + self.settings.execution_ttl));
