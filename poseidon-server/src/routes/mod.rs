@@ -80,13 +80,19 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Whether the service is healthy: 503 while a prewarming pool is below the alert threshold.
+/// Whether the service is healthy: 503 `NOMAD_UNREACHABLE` while the backend cannot be reached,
+/// 503 `PREWARMING_POOL_DEPLETING` while a prewarming pool is below the alert threshold.
 #[utoipa::path(get, path = "/health", tag = "miscellaneous",
     responses(
         (status = 204, description = "Everything okay"),
-        (status = 503, description = "A prewarming pool is depleting", body = crate::error::InternalServerError),
+        (status = 503, description = "The backend cannot be reached or a prewarming pool is depleting", body = crate::error::InternalServerError),
     ))]
 pub async fn health(State(state): State<Arc<AppState>>) -> Result<StatusCode, ApiError> {
+    if let Err(error) = state.manager.backend_health().await {
+        return Err(ApiError::BackendDown(format!(
+            "the runner backend cannot be reached: {error}"
+        )));
+    }
     let depleting = state.manager.depleting_environments();
     if depleting.is_empty() {
         return Ok(StatusCode::NO_CONTENT);
