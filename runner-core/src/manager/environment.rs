@@ -36,6 +36,8 @@ struct State {
     /// Runners reported ready before their creation call returned (an event can overtake the
     /// answer); matched when the answer arrives. Bounded.
     early_ready: std::collections::HashSet<RunnerId>,
+    /// Runners reported stopped before their creation call returned; dropped when it does.
+    early_stopped: std::collections::HashSet<RunnerId>,
     /// Consecutive failed creations and the latest error, while the backend keeps failing.
     failures: u32,
     last_error: Option<String>,
@@ -43,6 +45,30 @@ struct State {
 
 /// Most runner ids remembered as ready before their creation call returned.
 const MAX_EARLY_READY: usize = 1024;
+
+/// What became of a runner offered to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Offer {
+    /// It is idle in the pool now.
+    Pooled,
+    /// It is already idle, pending or used: nothing changed.
+    Known,
+    /// The pool does not want it (closed or full): destroy it.
+    Unwanted,
+}
+
+/// Where a runner that stopped on its own was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StoppedRunner {
+    /// Idle (now removed from the pool).
+    Idle,
+    /// Pending.
+    Pending,
+    /// Held by a client.
+    Used,
+    /// Not in this environment.
+    Unknown,
+}
 
 /// What became of a runner the backend reported ready.
 #[derive(Debug)]
@@ -78,6 +104,7 @@ impl ManagedEnvironment {
                 generation: 0,
                 closed: false,
                 early_ready: std::collections::HashSet::new(),
+                early_stopped: std::collections::HashSet::new(),
                 failures: 0,
                 last_error: None,
             }),
@@ -155,14 +182,25 @@ impl ManagedEnvironment {
         }
     }
 
-    /// Adds a runner to the pool if it is below target; returns whether it was taken.
-    pub(super) fn offer_idle(&self, info: RunnerInfo) -> bool {
+    /// Adds a runner to the pool if it is below target.
+    ///
+    /// `is_used` tells whether a client holds the runner; it is asked with the pool locked, so a
+    /// runner claimed meanwhile is never put back. A pending runner stays pending.
+    pub(super) fn offer_idle(
+        &self,
+        info: RunnerInfo,
+        is_used: impl Fn(&RunnerId) -> bool,
+    ) -> Offer {
         let mut state = self.lock();
-        let taken = !state.closed && state.pool.wants_more() && state.pool.insert(info);
-        if taken {
-            self.idle_added.notify_waiters();
+        if state.pool.contains(&info.id) || state.pool.is_pending(&info.id) || is_used(&info.id) {
+            return Offer::Known;
         }
-        taken
+        if state.closed || !state.pool.wants_more() {
+            return Offer::Unwanted;
+        }
+        state.pool.insert(info);
+        self.idle_added.notify_waiters();
+        Offer::Pooled
     }
 
     pub(super) fn used_changed(&self, delta: i64) {
@@ -223,12 +261,44 @@ impl ManagedEnvironment {
         };
         state.failures = 0;
         state.last_error = None;
+        if state.pool.contains(id) {
+            return ReadyOutcome::Pooled;
+        }
         if state.closed || pending.generation != state.generation || !state.pool.wants_more() {
             return ReadyOutcome::Unwanted(pending.info);
         }
         state.pool.insert(pending.info);
         self.idle_added.notify_waiters();
         ReadyOutcome::Pooled
+    }
+
+    /// Finds where a runner that stopped on its own is, with the pool locked (a claim moves a
+    /// runner from idle to used under the same lock): an idle one is removed at once, a pending
+    /// one is left for [`ManagedEnvironment::pending_stopped`]. When it is nowhere while
+    /// creations are in flight, the stop is remembered so the creation's answer does not bring
+    /// the runner back.
+    pub(super) fn locate_stopped(
+        &self,
+        id: &RunnerId,
+        is_used: impl Fn(&RunnerId) -> bool,
+    ) -> StoppedRunner {
+        let mut state = self.lock();
+        if state.pool.remove(id).is_some() {
+            return StoppedRunner::Idle;
+        }
+        if state.pool.is_pending(id) {
+            return StoppedRunner::Pending;
+        }
+        if is_used(id) {
+            return StoppedRunner::Used;
+        }
+        if state.pool.creating() > 0 {
+            if state.early_stopped.len() >= MAX_EARLY_READY {
+                state.early_stopped.clear();
+            }
+            state.early_stopped.insert(id.clone());
+        }
+        StoppedRunner::Unknown
     }
 
     /// Removes a pending runner that stopped before it was ready; `true` if it was pending.
@@ -286,11 +356,21 @@ impl ManagedEnvironment {
     }
 
     /// Ends a creation; pools the runner (or records it pending) if it is still wanted, else
-    /// hands it back for destroying.
-    fn finish(&self, created: Option<(Creation, u64)>) -> Option<RunnerInfo> {
+    /// hands it back for destroying. `is_used` is asked with the pool locked: a reload may have
+    /// pooled the runner already and a client claimed it since.
+    fn finish(
+        &self,
+        created: Option<(Creation, u64)>,
+        is_used: impl Fn(&RunnerId) -> bool,
+    ) -> Option<RunnerInfo> {
         let mut state = self.lock();
         state.pool.creation_finished();
         let (creation, generation) = created?;
+        if state.early_stopped.remove(&creation.info().id) {
+            state.failures = state.failures.saturating_add(1);
+            state.last_error = Some("a runner stopped before it was ready".into());
+            return None;
+        }
         let (info, ready) = match creation {
             Creation::Ready(info) => (info, true),
             Creation::Pending(info) => {
@@ -302,8 +382,8 @@ impl ManagedEnvironment {
             state.failures = 0;
             state.last_error = None;
         }
-        if state.pool.contains(&info.id) || state.pool.is_pending(&info.id) {
-            // A reload found it already.
+        if state.pool.contains(&info.id) || state.pool.is_pending(&info.id) || is_used(&info.id) {
+            // A reload found it already (and a client may hold it by now).
             return None;
         }
         if state.closed || generation != state.generation {
@@ -402,7 +482,7 @@ impl RunnerManager {
                         Ok((Ok(creation), generation)) => {
                             backoff.succeed();
                             debug!(runner_id = %creation.info().id, environment_id = %env.id, ready = matches!(creation, Creation::Ready(_)), "runner created");
-                            if let Some(unwanted) = env.finish(Some((creation, generation))) {
+                            if let Some(unwanted) = env.finish(Some((creation, generation)), |id| self.is_taken(id)) {
                                 self.destroy_in_background(unwanted.id, DestroyReason::EnvironmentUpdated);
                             }
                         }
@@ -413,7 +493,7 @@ impl RunnerManager {
                             retry_at = Some(Instant::now() + delay);
                         }
                         Err(join_err) => {
-                            env.finish(None);
+                            env.finish(None, |_| false);
                             warn!(environment_id = %env.id, error = %join_err, "runner creation task failed");
                         }
                     }
@@ -428,7 +508,7 @@ impl RunnerManager {
         let shutting_down = self.shutdown.is_cancelled();
         while let Some(joined) = inflight.join_next().await {
             if let Ok((Ok(creation), _)) = joined {
-                env.finish(None);
+                env.finish(None, |_| false);
                 if !shutting_down {
                     self.destroy_in_background(
                         creation.info().id.clone(),

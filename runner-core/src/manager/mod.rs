@@ -32,7 +32,7 @@ use crate::executor::{
 };
 use crate::ids::{EnvironmentId, RunnerId};
 use crate::traits::{Environment, Manager, PutOutcome, Runner};
-use environment::ReadyOutcome;
+use environment::{Offer, ReadyOutcome, StoppedRunner};
 
 /// How long shutdown waits for background backend calls.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
@@ -107,6 +107,12 @@ pub struct RunnerManager {
     /// Runners destroyed while a reload is reading the backend's records: the reload's snapshot
     /// may still list them, and they must not come back.
     tombstones: std::sync::Mutex<Option<std::collections::HashSet<RunnerId>>>,
+    /// Runners whose destruction on the backend has started and not yet ended: a reload that
+    /// starts meanwhile may still read their records, and they must not come back either.
+    destroying: Arc<std::sync::Mutex<std::collections::HashSet<RunnerId>>>,
+    /// The latest destroyed runners (bounded): a creation answer or a record that names one of
+    /// them arrives late and must not bring it back.
+    recently_destroyed: std::sync::Mutex<RecentSet>,
     /// Background backend calls (used-marks, destructions) that shutdown waits for, so a clean
     /// shutdown does not leave a claim unrecorded or a replaced runner alive.
     tasks: tokio_util::task::TaskTracker,
@@ -125,6 +131,8 @@ impl RunnerManager {
             shutdown: CancellationToken::new(),
             weak: weak.clone(),
             tombstones: std::sync::Mutex::new(None),
+            destroying: Arc::default(),
+            recently_destroyed: std::sync::Mutex::new(RecentSet::default()),
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -193,6 +201,22 @@ impl RunnerManager {
         self.used.write().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn is_used(&self, id: &RunnerId) -> bool {
+        self.read_used().contains_key(id)
+    }
+
+    /// Whether the runner is used, or was destroyed recently (or while a reload runs): either
+    /// way it must not be pooled.
+    fn is_taken(&self, id: &RunnerId) -> bool {
+        self.is_used(id)
+            || self
+                .recently_destroyed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(id)
+            || self.is_tombstoned(id)
+    }
+
     fn managed(&self, id: EnvironmentId) -> Option<Arc<ManagedEnvironment>> {
         self.read_envs().get(&id).cloned()
     }
@@ -230,6 +254,24 @@ impl RunnerManager {
         env
     }
 
+    /// Marks a runner as being destroyed on the backend until the returned guard is dropped, and
+    /// as destroyed for a reload that runs meanwhile.
+    fn destroying(&self, runner: &RunnerId) -> DestroyingGuard {
+        self.note_destroyed(runner);
+        self.recently_destroyed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(runner.clone());
+        self.destroying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(runner.clone());
+        DestroyingGuard {
+            set: Arc::clone(&self.destroying),
+            runner: runner.clone(),
+        }
+    }
+
     /// Remembers a destroyed runner while a reload runs (see `tombstones`).
     fn note_destroyed(&self, runner: &RunnerId) {
         if let Some(set) = self
@@ -244,22 +286,32 @@ impl RunnerManager {
 
     /// Destroys a runner on the backend in the background, retrying with backoff.
     fn destroy_in_background(&self, runner: RunnerId, reason: DestroyReason) {
-        self.note_destroyed(&runner);
+        let guard = self.destroying(&runner);
         let backend = Arc::clone(&self.backend);
         let policy = self.config.backoff;
         let attempts = self.config.max_attempts;
         self.tasks.spawn(async move {
             destroy_with_retry(backend.as_ref(), &runner, &reason, policy, attempts).await;
+            drop(guard);
         });
     }
 
     /// Removes a used runner and destroys it; its running executions get `reason`'s message.
     async fn destroy_used(&self, id: &RunnerId, reason: DestroyReason) -> Result<(), ManagerError> {
-        let runner = self
-            .write_used()
-            .remove(id)
-            .ok_or_else(|| ManagerError::UnknownRunner(id.clone()))?;
-        self.note_destroyed(id);
+        // Marked as being destroyed and removed from the used runners with its pool locked, so
+        // a reload deciding about the same runner (under that lock) sees one or the other.
+        let environment = self.read_used().get(id).map(|r| r.environment());
+        let unregister = || {
+            let guard = self.destroying(id);
+            (guard, self.write_used().remove(id))
+        };
+        let (guard, runner) = match environment.and_then(|e| self.managed(e)) {
+            Some(env) => env.with_pool(|_| unregister()),
+            None => unregister(),
+        };
+        let Some(runner) = runner else {
+            return Err(ManagerError::UnknownRunner(id.clone()));
+        };
         if let Some(env) = self.managed(runner.environment()) {
             env.used_changed(-1);
             self.check_pool_alert(&env);
@@ -274,8 +326,9 @@ impl RunnerManager {
             return Ok(());
         }
         match self.backend.destroy_runner(id, &reason).await {
-            Ok(()) => {}
+            Ok(()) => drop(guard),
             Err(err) => {
+                drop(guard);
                 warn!(runner_id = %id, error = %err, "destroying runner failed; retrying in the background");
                 self.destroy_in_background(id.clone(), reason);
             }
@@ -345,11 +398,17 @@ impl RunnerManager {
                 if known {
                     return;
                 }
-                match self.managed(info.environment) {
-                    Some(env) if env.offer_idle(info.clone()) => {
+                let offer = self
+                    .managed(info.environment)
+                    .map(|env| env.offer_idle(info.clone(), |id| self.is_taken(id)));
+                match offer {
+                    Some(Offer::Pooled) => {
                         debug!(runner_id = %info.id, ?startup, "backend started an idle runner");
                     }
-                    _ => self.destroy_in_background(info.id, DestroyReason::Replaced),
+                    Some(Offer::Known) => {}
+                    Some(Offer::Unwanted) | None => {
+                        self.destroy_in_background(info.id, DestroyReason::Replaced);
+                    }
                 }
             }
             BackendEvent::RunnerReady { runner, startup } => {
@@ -419,23 +478,15 @@ impl RunnerManager {
         }
         let mut found = None;
         for env in self.candidate_environments(&runner) {
-            let here = env.with_pool(|pool| {
-                if pool.remove(&runner).is_some() {
-                    Some(Found::Idle(Arc::clone(&env)))
-                } else if pool.is_pending(&runner) {
-                    Some(Found::Pending(Arc::clone(&env)))
-                } else if self.read_used().contains_key(&runner) {
-                    Some(Found::Used)
-                } else {
-                    None
-                }
-            });
-            if here.is_some() {
-                found = here;
-                break;
-            }
+            found = match env.locate_stopped(&runner, |id| self.is_used(id)) {
+                StoppedRunner::Idle => Some(Found::Idle(env)),
+                StoppedRunner::Pending => Some(Found::Pending(env)),
+                StoppedRunner::Used => Some(Found::Used),
+                StoppedRunner::Unknown => continue,
+            };
+            break;
         }
-        if found.is_none() && self.read_used().contains_key(&runner) {
+        if found.is_none() && self.is_used(&runner) {
             found = Some(Found::Used);
         }
         match found {
@@ -583,9 +634,10 @@ impl RunnerManager {
             let reason = reason.clone();
             let policy = self.config.backoff;
             let attempts = self.config.max_attempts;
-            self.note_destroyed(&info.id);
+            let guard = self.destroying(&info.id);
             async move {
                 destroy_with_retry(backend.as_ref(), &info.id, &reason, policy, attempts).await;
+                drop(guard);
             }
         });
         let destroy_used = used.iter().map(|r| self.destroy_used(r, reason.clone()));
@@ -595,6 +647,49 @@ impl RunnerManager {
         )
         .await;
         Ok(())
+    }
+}
+
+/// The latest runner ids inserted, at most [`RecentSet::CAPACITY`], forgetting the oldest.
+#[derive(Debug, Default)]
+struct RecentSet {
+    members: std::collections::HashSet<RunnerId>,
+    order: std::collections::VecDeque<RunnerId>,
+}
+
+impl RecentSet {
+    const CAPACITY: usize = 4_096;
+
+    fn insert(&mut self, id: RunnerId) {
+        if !self.members.insert(id.clone()) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::CAPACITY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.members.remove(&oldest);
+        }
+    }
+
+    fn contains(&self, id: &RunnerId) -> bool {
+        self.members.contains(id)
+    }
+}
+
+/// Keeps a runner in the manager's set of runners being destroyed until dropped.
+#[derive(Debug)]
+struct DestroyingGuard {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<RunnerId>>>,
+    runner: RunnerId,
+}
+
+impl Drop for DestroyingGuard {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.runner);
     }
 }
 
