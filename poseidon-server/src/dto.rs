@@ -58,7 +58,7 @@ pub struct ExecutionEnvironmentList {
 }
 
 /// The statistics of one environment.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentStatisticsEntry {
     /// The id of the execution environment.
@@ -69,6 +69,18 @@ pub struct EnvironmentStatisticsEntry {
     pub idle_runners: u32,
     /// Number of runners currently in use.
     pub used_runners: u32,
+    /// Runners on their way to the pool: creations under way and runners the backend has not
+    /// reported ready yet. An addition to Poseidon's fields, left out while zero so a healthy
+    /// environment looks exactly as Poseidon shows it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pending_runners: u32,
+    /// Present (`true`) while the latest runner creations fail; the pool keeps retrying with
+    /// backoff.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub failing: bool,
+    /// The latest creation error while failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl From<EnvironmentStatistics> for EnvironmentStatisticsEntry {
@@ -78,8 +90,15 @@ impl From<EnvironmentStatistics> for EnvironmentStatisticsEntry {
             prewarming_pool_size: s.prewarming_pool_size,
             idle_runners: s.idle_runners,
             used_runners: s.used_runners,
+            pending_runners: s.pending_runners,
+            failing: s.failing,
+            last_error: s.last_error,
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `GET /statistics/execution-environments`: keyed by the environment id as a string.
