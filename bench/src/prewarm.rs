@@ -57,7 +57,7 @@ pub async fn prewarm(effort: Effort) -> anyhow::Result<Report> {
     let rounds = if effort.quick { 10 } else { 60 };
     for round in 0..rounds + 3 {
         let start = Instant::now();
-        let runner = backend.create_runner(&spec).await?;
+        let runner = backend.create_runner(&spec).await?.into_info();
         let took = start.elapsed();
         backend
             .destroy_runner(&runner.id, &DestroyReason::ApiRequest)

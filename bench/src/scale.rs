@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use runner_core::{
-    BackendError, BackendEvent, DestroyReason, EnvironmentId, EnvironmentSpec, ExecutionHandle,
-    ExecutionRequest, ExecutorApi, FileContent, FileError, FileHeader, FileUpdate,
+    BackendError, BackendEvent, Creation, DestroyReason, EnvironmentId, EnvironmentSpec,
+    ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent, FileError, FileHeader, FileUpdate,
     ListFilesRequest, Manager, ManagerConfig, RunnerId, RunnerInfo, RunnerManager, RunnerRecord,
     RunnerState, SpecBounds,
 };
@@ -31,12 +31,12 @@ impl ExecutorApi for NullBackend {
     async fn load_environments(&self) -> Result<Vec<EnvironmentSpec>, BackendError> {
         Ok(vec![])
     }
-    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError> {
-        Ok(RunnerInfo {
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<Creation, BackendError> {
+        Ok(Creation::Ready(RunnerInfo {
             id: RunnerId::generate(spec.id),
             environment: spec.id,
             mapped_ports: vec![],
-        })
+        }))
     }
     async fn destroy_runner(&self, _: &RunnerId, _: &DestroyReason) -> Result<(), BackendError> {
         Ok(())
@@ -121,7 +121,7 @@ async fn at_size(n: u32, rounds: usize) -> anyhow::Result<Measured> {
         let mut held = Vec::with_capacity(CLAIMS_PER_ROUND);
         for _ in 0..CLAIMS_PER_ROUND {
             let start = Instant::now();
-            let runner = manager.claim(id, Duration::ZERO)?;
+            let runner = manager.claim(id, Duration::ZERO).await?;
             claims.push(start.elapsed());
             held.push(runner);
         }

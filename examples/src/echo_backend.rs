@@ -10,9 +10,10 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use runner_core::execution::{EVENT_BUFFER, STDIN_BUFFER};
 use runner_core::{
-    BackendError, BackendEvent, DestroyReason, EnvironmentId, EnvironmentSpec, ExecutionEvent,
-    ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent, FileError, FileHeader, FileUpdate,
-    ListFilesRequest, RecordedState, RunnerId, RunnerInfo, RunnerRecord, RunnerState,
+    BackendError, BackendEvent, Creation, DestroyReason, EnvironmentId, EnvironmentSpec,
+    ExecutionEvent, ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent, FileError,
+    FileHeader, FileUpdate, ListFilesRequest, RecordedState, RunnerId, RunnerInfo, RunnerRecord,
+    RunnerState,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -61,16 +62,16 @@ impl ExecutorApi for EchoBackend {
             .unwrap_or_default())
     }
 
-    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError> {
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<Creation, BackendError> {
         let id = RunnerId::generate(spec.id);
         if let Ok(mut runners) = self.runners.lock() {
             runners.insert(id.clone());
         }
-        Ok(RunnerInfo {
+        Ok(Creation::Ready(RunnerInfo {
             id,
             environment: spec.id,
             mapped_ports: vec![],
-        })
+        }))
     }
 
     async fn destroy_runner(&self, id: &RunnerId, _: &DestroyReason) -> Result<(), BackendError> {

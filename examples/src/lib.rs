@@ -17,7 +17,7 @@ pub async fn run_once(
     environment: runner_core::EnvironmentId,
     command: &str,
 ) -> Result<(String, Option<u8>), ManagerError> {
-    let runner = manager.claim(environment, Duration::from_secs(60))?;
+    let runner = manager.claim(environment, Duration::from_secs(60)).await?;
     let id = runner.store_execution(ExecutionRequest::new(command))?;
     let mut execution = runner.start_execution(id).await?;
     let mut stdout = String::new();

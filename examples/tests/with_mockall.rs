@@ -30,11 +30,11 @@ fn mock_with_one_runner() -> MockExecutorApi {
         .returning(|| futures::stream::pending().boxed());
     mock.expect_register_environment().returning(|_| Ok(()));
     mock.expect_create_runner().times(1..).returning(|s| {
-        Ok(RunnerInfo {
+        Ok(runner_core::Creation::Ready(RunnerInfo {
             id: runner_core::RunnerId::generate(s.id),
             environment: s.id,
             mapped_ports: vec![],
-        })
+        }))
     });
     mock.expect_mark_runner().returning(|_, _| Ok(()));
     mock.expect_destroy_runner().returning(|_, _| Ok(()));

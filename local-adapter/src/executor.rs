@@ -19,10 +19,10 @@ use futures::stream::{self, BoxStream, StreamExt};
 use local_network::{HostNetwork, RunnerNetwork};
 use runner_core::execution::{EVENT_BUFFER, STDIN_BUFFER};
 use runner_core::{
-    BackendError, BackendEvent, DestroyReason, EnvironmentId, EnvironmentSpec, ExecutionEvent,
-    ExecutionFailure, ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent, FileCopy,
-    FileError, FileFailure, FileHeader, FileUpdate, ListFilesRequest, RecordedState, RunnerId,
-    RunnerInfo, RunnerRecord, RunnerState,
+    BackendError, BackendEvent, Creation, DestroyReason, EnvironmentId, EnvironmentSpec,
+    ExecutionEvent, ExecutionFailure, ExecutionHandle, ExecutionRequest, ExecutorApi, FileContent,
+    FileCopy, FileError, FileFailure, FileHeader, FileUpdate, ListFilesRequest, RecordedState,
+    RunnerId, RunnerInfo, RunnerRecord, RunnerState,
 };
 use serde::{Deserialize, Serialize};
 use storage::{StateStore, StoredRunner};
@@ -1106,7 +1106,7 @@ impl ExecutorApi for LocalExecutor {
             .map_err(internal)
     }
 
-    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError> {
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<Creation, BackendError> {
         let inner = &self.inner;
         let id = RunnerId::generate(spec.id);
         let started = Instant::now();
@@ -1189,11 +1189,11 @@ impl ExecutorApi for LocalExecutor {
         lock(&inner.runners).insert(id.clone(), runner.clone());
         inner.watch(runner);
         debug!(runner_id = %id, environment_id = %spec.id, startup_ms = started.elapsed().as_millis() as u64, "runner created");
-        Ok(RunnerInfo {
+        Ok(Creation::Ready(RunnerInfo {
             id,
             environment: spec.id,
             mapped_ports,
-        })
+        }))
     }
 
     async fn destroy_runner(

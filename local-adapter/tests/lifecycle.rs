@@ -80,8 +80,18 @@ fn child_server() {
             .expect("start");
         let env = spec(64);
         executor.register_environment(&env).await.expect("register");
-        let used = executor.create_runner(&env).await.expect("create").id;
-        let idle = executor.create_runner(&env).await.expect("create").id;
+        let used = executor
+            .create_runner(&env)
+            .await
+            .expect("create")
+            .into_info()
+            .id;
+        let idle = executor
+            .create_runner(&env)
+            .await
+            .expect("create")
+            .into_info()
+            .id;
         let state = RunnerState::Used(UsedState {
             inactivity_timeout: Duration::from_secs(60),
             deadline: Some(std::time::SystemTime::now() + Duration::from_secs(600)),
@@ -164,7 +174,7 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
         let created =
             futures::future::join_all((0..4).map(|_| f.executor.create_runner(&env))).await;
         // Destroy every runner that was created before judging the batch.
-        for info in created.iter().flatten() {
+        for info in created.iter().flatten().map(|c| c.info()) {
             ids.push(info.id.to_string());
             f.executor
                 .destroy_runner(&info.id, &DestroyReason::ApiRequest)
@@ -271,7 +281,7 @@ async fn a_destruction_cut_short_by_a_crash_is_completed_at_the_next_start() {
     let a = local_adapter::LocalExecutor::start(config(dir.path()))
         .await
         .unwrap();
-    let r = a.create_runner(&env).await.unwrap().id;
+    let r = a.create_runner(&env).await.unwrap().into_info().id;
     // What `destroy_runner` does before it answers, without the background part.
     let run_dir = std::fs::canonicalize(dir.path()).unwrap().join("run");
     for socket in std::fs::read_dir(&run_dir).unwrap().flatten() {
@@ -303,8 +313,8 @@ async fn restart_reattaches_to_used_runners_with_their_files() {
             .await
             .unwrap();
         a.register_environment(&env).await.unwrap();
-        let used = a.create_runner(&env).await.unwrap().id;
-        let idle = a.create_runner(&env).await.unwrap().id;
+        let used = a.create_runner(&env).await.unwrap().into_info().id;
+        let idle = a.create_runner(&env).await.unwrap().into_info().id;
         let state = RunnerState::Used(UsedState {
             inactivity_timeout: Duration::from_secs(60),
             deadline: Some(deadline),
@@ -469,7 +479,7 @@ async fn without_cgroups_runners_still_work_and_cancel_kills_the_tree() {
     let mut cfg = config(dir.path());
     cfg.cgroup = Some(local_adapter::CgroupChoice::None);
     let ex = local_adapter::LocalExecutor::start(cfg).await.unwrap();
-    let r = ex.create_runner(&spec(64)).await.unwrap().id;
+    let r = ex.create_runner(&spec(64)).await.unwrap().into_info().id;
     assert_eq!(run(&ex, &r, "echo hi").await.out(), "hi\r\n");
     let cancel = tokio_util::sync::CancellationToken::new();
     let handle = ex
@@ -511,11 +521,11 @@ async fn two_data_directories_never_touch_each_others_runners() {
     let a = local_adapter::LocalExecutor::start(config(d1.path()))
         .await
         .unwrap();
-    let ra = a.create_runner(&spec(64)).await.unwrap().id;
+    let ra = a.create_runner(&spec(64)).await.unwrap().into_info().id;
     let b = local_adapter::LocalExecutor::start(config(d2.path()))
         .await
         .unwrap();
-    let rb = b.create_runner(&spec(64)).await.unwrap().id;
+    let rb = b.create_runner(&spec(64)).await.unwrap().into_info().id;
     // Restarting `b` (crash-style) cleans up only its own data directory.
     drop(b);
     let b = local_adapter::LocalExecutor::start(config(d2.path()))

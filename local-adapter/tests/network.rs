@@ -36,7 +36,12 @@ async fn exposed_ports_of_two_runners_are_reachable_at_their_host_addresses() {
     let spec = with_network(false, vec![8080]);
     let mut runners = Vec::new();
     for name in ["first", "second"] {
-        let info = fixture.executor.create_runner(&spec).await.expect("create");
+        let info = fixture
+            .executor
+            .create_runner(&spec)
+            .await
+            .expect("create")
+            .into_info();
         assert_eq!(info.mapped_ports.len(), 1);
         assert_eq!(info.mapped_ports[0].exposed_port, 8080);
         let serve = format!(

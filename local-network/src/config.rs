@@ -145,6 +145,14 @@ pub struct NetworkConfig {
     /// ports of exposed ports (so runners cannot reach each other through the proxy either).
     #[serde(rename = "hostports")]
     pub host_ports: Vec<u16>,
+    /// Open connections one exposed port forwards at a time (`maxconnectionsperport`, default
+    /// 256); a connection beyond it is closed at once.
+    #[serde(rename = "maxconnectionsperport")]
+    pub max_connections_per_port: usize,
+    /// Open connections all exposed ports of one runner forward at a time
+    /// (`maxconnectionsperrunner`, default 1024); a connection beyond it is closed at once.
+    #[serde(rename = "maxconnectionsperrunner")]
+    pub max_connections_per_runner: usize,
 }
 
 impl Default for NetworkConfig {
@@ -166,6 +174,8 @@ impl Default for NetworkConfig {
                 net(240, 0, 0, 0, 4),
             ],
             host_ports: Vec::new(),
+            max_connections_per_port: 256,
+            max_connections_per_runner: 1024,
         }
     }
 }
@@ -207,6 +217,14 @@ impl NetworkConfig {
                 "hostports",
                 format!("port {port} is 0 or inside the exposed-port range"),
             );
+        }
+        for (key, value) in [
+            ("maxconnectionsperport", self.max_connections_per_port),
+            ("maxconnectionsperrunner", self.max_connections_per_runner),
+        ] {
+            if !(1..=65_536).contains(&value) {
+                return invalid(key, format!("{value} is not between 1 and 65536"));
+            }
         }
         Ok(())
     }

@@ -260,14 +260,38 @@ impl HostNetwork {
             return Err(error);
         }
         let mut handles = Vec::with_capacity(exposed.len());
+        let runner_proxy = if exposed.is_empty() {
+            None
+        } else {
+            match netns::SocketFactory::start(Arc::clone(&namespace)) {
+                Ok(sockets) => Some(proxy::RunnerProxy {
+                    runner: runner.clone(),
+                    sockets,
+                    connections: Arc::new(tokio::sync::Semaphore::new(
+                        self.inner.config.max_connections_per_runner,
+                    )),
+                    cancel: reserved.cancel.clone(),
+                }),
+                Err(error) => {
+                    reserved.cancel.cancel();
+                    self.detach(runner).await;
+                    return Err(NetworkError::io(
+                        "cannot start the runner's namespace thread",
+                        error,
+                    ));
+                }
+            }
+        };
         for (listener, port) in reserved.listeners.into_iter().zip(&exposed) {
+            let Some(runner_proxy) = runner_proxy.clone() else {
+                break;
+            };
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => handles.push(proxy::spawn(
-                    runner.clone(),
+                    runner_proxy,
                     listener,
-                    Arc::clone(&namespace),
                     *port,
-                    reserved.cancel.clone(),
+                    self.inner.config.max_connections_per_port,
                 )),
                 Err(error) => {
                     reserved.cancel.cancel();

@@ -31,34 +31,58 @@ pub(crate) fn open_netns(path: &Path) -> Result<OwnedFd, NetworkError> {
     })
 }
 
-/// A TCP socket (IPv4, non-blocking, not yet connected) created inside the namespace `netns`.
+/// Creates TCP sockets inside one runner's network namespace, for as long as it lives.
 ///
-/// A fresh thread joins the namespace, creates the socket and ends; the socket stays in the
-/// namespace wherever it is used afterwards.
-pub(crate) async fn tcp_socket_in(netns: Arc<OwnedFd>) -> io::Result<TcpSocket> {
-    let (answer, result) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("netns-socket".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let socket = setns(&*netns, CloneFlags::CLONE_NEWNET)
-                .and_then(|()| {
-                    socket(
-                        AddressFamily::Inet,
-                        SockType::Stream,
-                        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                        None,
-                    )
-                })
-                .map(std::net::TcpStream::from)
-                .map_err(io::Error::from);
-            // The receiver is gone only when the connection was cancelled meanwhile.
-            let _ = answer.send(socket);
-        })?;
-    let stream = result
-        .await
-        .map_err(|_| io::Error::other("the namespace thread ended without an answer"))??;
-    Ok(TcpSocket::from_std_stream(stream))
+/// One long-lived thread per runner joins the namespace once and answers requests for fresh
+/// sockets; a socket keeps the namespace it was created in wherever it is used afterwards. The
+/// thread ends when the factory (every clone) is dropped, so a runner costs one thread, however
+/// many connections its exposed ports carry.
+#[derive(Debug, Clone)]
+pub(crate) struct SocketFactory {
+    requests: std::sync::mpsc::Sender<oneshot::Sender<io::Result<std::net::TcpStream>>>,
+}
+
+impl SocketFactory {
+    /// Starts the thread for the namespace `netns`.
+    pub(crate) fn start(netns: Arc<OwnedFd>) -> io::Result<Self> {
+        let (requests, queue) =
+            std::sync::mpsc::channel::<oneshot::Sender<io::Result<std::net::TcpStream>>>();
+        std::thread::Builder::new()
+            .name("netns-sockets".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let joined = setns(&*netns, CloneFlags::CLONE_NEWNET);
+                drop(netns);
+                while let Ok(answer) = queue.recv() {
+                    let socket = joined
+                        .and_then(|()| {
+                            socket(
+                                AddressFamily::Inet,
+                                SockType::Stream,
+                                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                                None,
+                            )
+                        })
+                        .map(std::net::TcpStream::from)
+                        .map_err(io::Error::from);
+                    // The receiver is gone only when the connection was cancelled meanwhile.
+                    let _ = answer.send(socket);
+                }
+            })?;
+        Ok(Self { requests })
+    }
+
+    /// A TCP socket (IPv4, non-blocking, not yet connected) inside the namespace.
+    pub(crate) async fn tcp_socket(&self) -> io::Result<TcpSocket> {
+        let (answer, result) = oneshot::channel();
+        self.requests
+            .send(answer)
+            .map_err(|_| io::Error::other("the namespace thread has ended"))?;
+        let stream = result
+            .await
+            .map_err(|_| io::Error::other("the namespace thread ended without an answer"))??;
+        Ok(TcpSocket::from_std_stream(stream))
+    }
 }
 
 /// Makes `command` run inside the network namespace `netns` (which must stay open until the

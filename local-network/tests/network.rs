@@ -10,7 +10,7 @@ use common::{
     InstanceGuard, Outside, TestNs, config, fetch_hello, http_get, links_with_prefix, serve_in,
     table_exists, unique,
 };
-use local_network::{HostNetwork, NetworkError, RunnerNetwork};
+use local_network::{HostNetwork, NetworkConfig, NetworkError, RunnerNetwork};
 use runner_core::RunnerId;
 
 fn runner(name: &str) -> RunnerId {
@@ -478,5 +478,110 @@ async fn runner_cannot_reach_host_loopback_even_where_the_host_routes_localnet()
         !r.can_connect(host_loopback_service),
         "host loopback service"
     );
+    network.teardown().await;
+}
+
+/// Serves inside `ns` on `port`: every connection gets `hello` and is held open until the
+/// client closes its side.
+fn serve_and_hold(ns: &TestNs, port: u16) {
+    let (ready, listening) = std::sync::mpsc::channel();
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+        ready.send(()).expect("ready");
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = std::io::Write::write_all(&mut stream, b"hello\n");
+                let _ = std::io::copy(&mut stream, &mut std::io::sink());
+            });
+        }
+    });
+    listening.recv().expect("listener");
+}
+
+/// Connects to `address` and reads what arrives first: `Some("hello\n")` for a forwarded
+/// connection, `None` for one the proxy closed.
+fn greeting(address: &str) -> (std::net::TcpStream, Option<String>) {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the host port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 6];
+    let text = match std::io::Read::read(&mut stream, &mut buf) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+    };
+    (stream, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_bounded_per_port_and_per_runner() {
+    common::init_tracing();
+    let (tag, octet) = unique();
+    let _guard = InstanceGuard(tag.clone());
+    let config = NetworkConfig {
+        max_connections_per_port: 3,
+        max_connections_per_runner: 4,
+        ..config(octet, vec![])
+    };
+    let network = HostNetwork::start(config, &tag, &[]).await.expect("start");
+    let ns = TestNs::new(format!("{tag}-cap"));
+    serve_and_hold(&ns, 7001);
+    serve_and_hold(&ns, 7002);
+    let id = runner("capped");
+    let n = network
+        .attach(&id, &ns.path(), false, &[7001, 7002], None)
+        .await
+        .expect("attach");
+    let (a, b) = (
+        n.mapped_ports[0].host_address.clone(),
+        n.mapped_ports[1].host_address.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut open = Vec::new();
+        for i in 0..3 {
+            let (stream, text) = greeting(&a);
+            assert_eq!(
+                text.as_deref(),
+                Some("hello\n"),
+                "connection {i} to port 7001"
+            );
+            open.push(stream);
+        }
+        let (_, text) = greeting(&a);
+        assert_eq!(text, None, "a fourth connection to one port must be closed");
+        let (stream, text) = greeting(&b);
+        assert_eq!(
+            text.as_deref(),
+            Some("hello\n"),
+            "the runner's fourth connection"
+        );
+        open.push(stream);
+        let (_, text) = greeting(&b);
+        assert_eq!(
+            text, None,
+            "a fifth connection of the runner must be closed"
+        );
+        // A closed connection frees its place.
+        drop(open.remove(0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (stream, text) = greeting(&b);
+            if text.is_some() {
+                open.push(stream);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a freed place was never reused"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("client thread");
+    network.detach(&id).await;
     network.teardown().await;
 }

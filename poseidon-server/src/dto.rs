@@ -73,6 +73,18 @@ pub struct EnvironmentStatisticsEntry {
     /// stopped refilling); absent while runners can be created. Not in Poseidon's spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_error: Option<String>,
+    /// Runners on their way to the pool: creations under way and runners the backend has not
+    /// reported ready yet. An addition to Poseidon's fields, left out while zero so a healthy
+    /// environment looks exactly as Poseidon shows it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pending_runners: u32,
+    /// Present (`true`) while the latest runner creations fail; the pool keeps retrying with
+    /// backoff.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub failing: bool,
+    /// The latest creation error while failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl From<EnvironmentStatistics> for EnvironmentStatisticsEntry {
@@ -83,8 +95,15 @@ impl From<EnvironmentStatistics> for EnvironmentStatisticsEntry {
             idle_runners: s.idle_runners,
             used_runners: s.used_runners,
             creation_error: None,
+            pending_runners: s.pending_runners,
+            failing: s.failing,
+            last_error: s.last_error,
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `GET /statistics/execution-environments`: keyed by the environment id as a string.

@@ -79,6 +79,9 @@ pub enum ApiError {
     /// 503 `{"message","errorCode":"PREWARMING_POOL_DEPLETING"}`.
     #[error("{0}")]
     Depleting(String),
+    /// 503 `{"message","errorCode":"NOMAD_UNREACHABLE"}`: the backend cannot be reached.
+    #[error("{0}")]
+    BackendDown(String),
 }
 
 impl ApiError {
@@ -98,7 +101,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::FailedFileDependency => StatusCode::FAILED_DEPENDENCY,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Depleting(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Depleting(_) | Self::BackendDown(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -123,6 +126,13 @@ impl IntoResponse for ApiError {
                 };
                 (status, Json(body)).into_response()
             }
+            Self::BackendDown(message) => {
+                let body = InternalServerError {
+                    message,
+                    error_code: ErrorCode::NomadUnreachable,
+                };
+                (status, Json(body)).into_response()
+            }
             other => {
                 let body = ClientError {
                     message: other.to_string(),
@@ -139,7 +149,9 @@ impl From<BackendError> for ApiError {
         match e {
             BackendError::RunnerNotFound(_) => Self::RunnerGone(message),
             BackendError::EnvironmentNotFound(_) => Self::NotFound(message),
-            BackendError::InvalidRequest(_) => Self::BadRequest(message),
+            BackendError::InvalidRequest(_) | BackendError::Unavailable(_) => {
+                Self::BadRequest(message)
+            }
             BackendError::Unreachable(_) => Self::Internal {
                 message,
                 code: ErrorCode::NomadUnreachable,

@@ -1549,3 +1549,134 @@ async fn the_largest_accepted_timeouts_work() {
         .expect("delete");
     assert_eq!(r.status(), 204);
 }
+
+#[tokio::test]
+async fn a_claim_right_after_creating_an_environment_gets_a_runner() {
+    let s = start().await;
+    // Runners take a while to start, as on a slow backend.
+    s.fake.set_create_delay(Duration::from_millis(400));
+    let r = s
+        .client
+        .put(s.url("/execution-environments/12"))
+        .json(&json!({
+            "id": 12, "image": "test-image", "prewarmingPoolSize": 1,
+            "cpuLimit": 20, "memoryLimit": 100, "networkAccess": false, "exposedPorts": []
+        }))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    let r = s
+        .client
+        .post(s.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 12, "inactivityTimeout": 0}))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // An environment with nothing under way still answers at once, as Poseidon does.
+    s.environment(13, 0).await;
+    let r = s
+        .client
+        .post(s.url("/runners"))
+        .json(&json!({"executionEnvironmentId": 13, "inactivityTimeout": 0}))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(r.status(), 500);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["errorCode"], "NOMAD_OVERLOAD");
+}
+
+#[tokio::test]
+async fn health_is_503_nomad_unreachable_while_the_backend_cannot_be_reached() {
+    let s = start().await;
+    s.fake.set_unhealthy(Some("connection refused"));
+    let r = s.client.get(s.url("/health")).send().await.expect("health");
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["errorCode"], "NOMAD_UNREACHABLE");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("connection refused"),
+        "{body}"
+    );
+    s.fake.set_unhealthy(None);
+    let r = s.client.get(s.url("/health")).send().await.expect("health");
+    assert_eq!(r.status(), 204);
+}
+
+#[tokio::test]
+async fn statistics_show_pending_runners_and_creation_failures() {
+    let s = start_with(common::Options {
+        manager: ManagerConfig {
+            backoff: runner_core::backoff::BackoffPolicy {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(200),
+            },
+            ..ManagerConfig::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    s.fake.fail_next_creates(1_000);
+    let r = s
+        .client
+        .put(s.url("/execution-environments/14"))
+        .json(&json!({
+            "id": 14, "image": "test-image", "prewarmingPoolSize": 2,
+            "cpuLimit": 20, "memoryLimit": 100, "networkAccess": false, "exposedPorts": []
+        }))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 201);
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = s
+            .client
+            .get(s.url("/statistics/execution-environments"))
+            .send()
+            .await
+            .expect("statistics")
+            .json()
+            .await
+            .expect("json");
+        if last["14"]["failing"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last["14"]["failing"], true, "{last}");
+    assert!(
+        last["14"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("injected creation failure")),
+        "{last}"
+    );
+    assert_eq!(last["14"]["idleRunners"], 0);
+    // Healthy again: the additions disappear and the entry has Poseidon's shape.
+    s.fake.fail_next_creates(0);
+    for _ in 0..200 {
+        last = s
+            .client
+            .get(s.url("/statistics/execution-environments"))
+            .send()
+            .await
+            .expect("statistics")
+            .json()
+            .await
+            .expect("json");
+        if last["14"]["idleRunners"] == 2 && last["14"].get("failing").is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        last["14"],
+        json!({"id": 14, "prewarmingPoolSize": 2, "idleRunners": 2, "usedRunners": 0}),
+        "{last}"
+    );
+}

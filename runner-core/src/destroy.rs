@@ -22,6 +22,9 @@ pub enum DestroyReason {
     EnvironmentDeleted,
     /// An execution could not be stopped, so the whole runner is destroyed to stop it.
     CannotStopExecution,
+    /// The backend accepted the runner's creation but did not report it ready within the
+    /// start-up timeout; it is destroyed and replaced.
+    StartupTimeout,
     /// After a crash the runner's claimed/idle state was uncertain, or it was a duplicate; it is
     /// destroyed rather than risk handing it out twice.
     Replaced,
@@ -54,9 +57,11 @@ impl DestroyReason {
             Self::ApiRequest | Self::EnvironmentUpdated | Self::EnvironmentDeleted => {
                 ExecutionEvent::Error(ExecutionFailure::StoppedAsExpected)
             }
-            Self::CannotStopExecution | Self::Replaced | Self::Stopped(_) | Self::LocalOnly => {
-                ExecutionEvent::Error(ExecutionFailure::Failed)
-            }
+            Self::CannotStopExecution
+            | Self::StartupTimeout
+            | Self::Replaced
+            | Self::Stopped(_)
+            | Self::LocalOnly => ExecutionEvent::Error(ExecutionFailure::Failed),
         }
     }
 
@@ -68,6 +73,7 @@ impl DestroyReason {
             Self::EnvironmentUpdated => "environment_updated",
             Self::EnvironmentDeleted => "environment_deleted",
             Self::CannotStopExecution => "cannot_stop_execution",
+            Self::StartupTimeout => "startup_timeout",
             Self::Replaced => "replaced",
             Self::OomKilled => "oom_killed",
             Self::ProcessLimitReached => "process_limit_reached",
@@ -87,6 +93,7 @@ impl fmt::Display for DestroyReason {
             }
             Self::EnvironmentDeleted => f.write_str("the environment was deleted"),
             Self::CannotStopExecution => f.write_str("the execution did not stop"),
+            Self::StartupTimeout => f.write_str("the runner did not start in time"),
             Self::Replaced => f.write_str("the runner will be destroyed and replaced"),
             Self::OomKilled => f.write_str("the allocation was OOM Killed"),
             Self::ProcessLimitReached => f.write_str("the runner's process limit was reached"),

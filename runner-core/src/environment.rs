@@ -159,7 +159,7 @@ fn normalized_ports(spec: &EnvironmentSpec) -> EnvironmentSpec {
 }
 
 /// Counts of one environment's runners, as `GET /statistics/execution-environments` shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentStatistics {
     /// The environment.
@@ -170,6 +170,13 @@ pub struct EnvironmentStatistics {
     pub idle_runners: u32,
     /// Runners claimed by clients.
     pub used_runners: u32,
+    /// Runners on their way to the pool: creations in flight and runners the backend accepted
+    /// but has not reported ready.
+    pub pending_runners: u32,
+    /// Whether the latest runner creations failed (the pool refills with backoff meanwhile).
+    pub failing: bool,
+    /// The latest creation error while failing.
+    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -40,6 +40,33 @@ pub struct RunnerInfo {
     pub mapped_ports: Vec<MappedPort>,
 }
 
+/// What [`ExecutorApi::create_runner`] achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Creation {
+    /// The runner can execute commands now.
+    Ready(RunnerInfo),
+    /// The backend accepted the creation; the runner is ready once the backend's event stream
+    /// reports [`BackendEvent::RunnerReady`] for it (or is destroyed and replaced by the manager
+    /// when that does not happen within its start-up timeout).
+    Pending(RunnerInfo),
+}
+
+impl Creation {
+    /// The runner, ready or not.
+    pub fn info(&self) -> &RunnerInfo {
+        match self {
+            Self::Ready(info) | Self::Pending(info) => info,
+        }
+    }
+
+    /// The runner, ready or not, by value.
+    pub fn into_info(self) -> RunnerInfo {
+        match self {
+            Self::Ready(info) | Self::Pending(info) => info,
+        }
+    }
+}
+
 /// What a claimed runner's durable record says about its use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsedState {
@@ -96,9 +123,22 @@ pub enum BackendEvent {
         /// Why (usually a local reason such as [`DestroyReason::OomKilled`]).
         reason: DestroyReason,
     },
+    /// A runner whose creation returned [`Creation::Pending`] can now execute commands.
+    RunnerReady {
+        /// The runner.
+        runner: RunnerId,
+        /// How long it took from the creation request to ready.
+        startup: Duration,
+    },
     /// The backend lost track of events (e.g. its event stream broke); the manager should reload
     /// its runners from [`ExecutorApi::load_runners`].
     Resynchronize,
+    /// An environment appeared on the backend without the manager creating it (e.g. an operator
+    /// registered its template); the manager adopts it and fills its pool.
+    EnvironmentAppeared(EnvironmentSpec),
+    /// An environment vanished from the backend (e.g. an operator deleted its template); the
+    /// manager forgets it and destroys its runners.
+    EnvironmentVanished(EnvironmentId),
 }
 
 /// An execution started by a backend.
@@ -113,7 +153,9 @@ pub struct ExecutionHandle {
     pub events: mpsc::Receiver<ExecutionEvent>,
 }
 
-/// Why a backend call failed.
+/// Why a backend call failed. A backend picks the variant that tells the manager what to do:
+/// [`BackendError::RunnerNotFound`] ends retries of a destruction, [`BackendError::InvalidRequest`]
+/// and [`BackendError::Unavailable`] will not heal by retrying the same call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
     /// The runner does not exist (any more).
@@ -131,6 +173,10 @@ pub enum BackendError {
     /// The backend is out of capacity.
     #[error("backend overloaded: {0}")]
     Overloaded(String),
+    /// The backend lacks something it needs for this request and will keep lacking it until an
+    /// operator acts (e.g. a host tool is not installed); retrying does not help.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
     /// Anything else.
     #[error("backend error: {0}")]
     Internal(String),
@@ -149,13 +195,25 @@ impl BackendError {
 /// Contract for implementors:
 /// - environment calls persist the specification so [`ExecutorApi::load_environments`] returns it
 ///   after a restart;
-/// - [`ExecutorApi::create_runner`] returns once the runner can execute commands;
+/// - [`ExecutorApi::create_runner`] either returns [`Creation::Ready`] once the runner can execute
+///   commands, or returns [`Creation::Pending`] at once and later emits
+///   [`BackendEvent::RunnerReady`] (a slow, event-driven backend such as Nomad). The manager
+///   counts pending creations toward the pool, never hands a pending runner out, and destroys
+///   one that is not ready within its start-up timeout;
 /// - [`ExecutorApi::destroy_runner`] is idempotent: destroying an unknown runner succeeds;
 /// - [`ExecutorApi::mark_runner`] records the state durably before returning;
 /// - [`ExecutorApi::execute`] starts `bash -c <command>` with stdin/stdout on a terminal and
 ///   stderr apart; when `cancel` fires, the execution's whole process tree is killed and the
 ///   events stream ends. The manager enforces `time_limit` by cancelling;
-/// - a runner's files survive a restart of the manager.
+/// - a runner's files survive a restart of the manager;
+/// - **the crash rule**: [`ExecutorApi::load_runners`] may report a runner
+///   [`RecordedState::Idle`] only when its record is known to be current, i.e. the previous
+///   process ended cleanly (everything it marked was written) or the backend otherwise knows no
+///   claim of it can have been lost. The manager claims without a backend round trip and writes
+///   the used-mark afterwards, so after a crash a runner recorded idle may in fact have been
+///   handed to a client: report such a runner [`RecordedState::Uncertain`] and the manager
+///   destroys and replaces it instead of handing it out a second time. (The local backend keeps
+///   a clean-shutdown marker; a remote backend may keep the same in its own durable store.)
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait ExecutorApi: Send + Sync + std::fmt::Debug + 'static {
@@ -168,8 +226,8 @@ pub trait ExecutorApi: Send + Sync + std::fmt::Debug + 'static {
     /// Every environment the backend knows, for recovery.
     async fn load_environments(&self) -> Result<Vec<EnvironmentSpec>, BackendError>;
 
-    /// Creates an idle runner of `spec`, ready to execute commands.
-    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError>;
+    /// Creates an idle runner of `spec`: ready now, or pending until the backend reports it ready.
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<Creation, BackendError>;
 
     /// Destroys the runner and everything in it; succeeds when it is already gone.
     async fn destroy_runner(
@@ -225,6 +283,12 @@ pub trait ExecutorApi: Send + Sync + std::fmt::Debug + 'static {
         path: &str,
         privileged: bool,
     ) -> Result<FileContent, FileError>;
+
+    /// Whether the backend can be reached and serve requests; the manager surfaces a failure on
+    /// `/health`. The default is always healthy (a backend in this process).
+    async fn health(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Events about runners the manager did not cause. Called once, at start-up; a backend with
     /// nothing to report returns a stream that never yields.

@@ -1,7 +1,8 @@
 //! [`FakeExecutor`]: an in-memory [`ExecutorApi`] for tests and examples.
 //!
 //! Runners are records in memory, created at once (or after a configurable delay, or failing on
-//! demand). Executions understand a tiny command language, enough to exercise streaming,
+//! demand, or accepted as pending and reported ready later through the event stream, as a
+//! Nomad-like backend does). Executions understand a tiny command language, enough to exercise streaming,
 //! backpressure, cancellation and exit codes:
 //!
 //! | command | behaviour |
@@ -34,7 +35,7 @@ use crate::destroy::DestroyReason;
 use crate::environment::EnvironmentSpec;
 use crate::execution::{EVENT_BUFFER, ExecutionEvent, ExecutionRequest, STDIN_BUFFER};
 use crate::executor::{
-    BackendError, BackendEvent, ExecutionHandle, ExecutorApi, RecordedState, RunnerInfo,
+    BackendError, BackendEvent, Creation, ExecutionHandle, ExecutorApi, RecordedState, RunnerInfo,
     RunnerRecord, RunnerState,
 };
 use crate::files::{FileContent, FileError, FileFailure, FileHeader, FileUpdate, ListFilesRequest};
@@ -58,6 +59,20 @@ struct State {
     destroyed: Vec<(RunnerId, DestroyReason)>,
 }
 
+/// When a created runner of the fake backend becomes ready.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Readiness {
+    /// `create_runner` returns [`Creation::Ready`] (the default).
+    #[default]
+    AtOnce,
+    /// `create_runner` returns [`Creation::Pending`]; [`BackendEvent::RunnerReady`] follows after
+    /// this long (tokio time).
+    After(Duration),
+    /// `create_runner` returns [`Creation::Pending`]; the runner is ready only when the test
+    /// calls [`FakeExecutor::report_ready`].
+    Never,
+}
+
 /// An in-memory backend. Cloning shares the state.
 #[derive(Debug, Clone)]
 pub struct FakeExecutor {
@@ -73,6 +88,9 @@ pub struct FakeExecutor {
     create_delay: Arc<Mutex<Duration>>,
     load_delay: Arc<Mutex<Duration>>,
     mark_delay: Arc<Mutex<Duration>>,
+    readiness: Arc<Mutex<Readiness>>,
+    stalled: Arc<Mutex<std::collections::HashSet<EnvironmentId>>>,
+    unhealthy: Arc<Mutex<Option<String>>>,
     /// The sender of the latest `events()` stream: each call starts a new stream, so a restarted
     /// manager over the same fake receives the events from then on.
     events_tx: Arc<Mutex<Option<mpsc::UnboundedSender<BackendEvent>>>>,
@@ -100,12 +118,50 @@ impl FakeExecutor {
             create_delay: Arc::new(Mutex::new(Duration::ZERO)),
             load_delay: Arc::new(Mutex::new(Duration::ZERO)),
             mark_delay: Arc::new(Mutex::new(Duration::ZERO)),
+            readiness: Arc::default(),
+            stalled: Arc::default(),
+            unhealthy: Arc::default(),
             events_tx: Arc::default(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets when runners created from now on become ready.
+    pub fn set_readiness(&self, readiness: Readiness) {
+        *self
+            .readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = readiness;
+    }
+
+    /// Makes every runner creation of `environment` from now on hang until the call is dropped
+    /// (a backend that never places it).
+    pub fn stall_creations(&self, environment: EnvironmentId) {
+        self.stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(environment);
+    }
+
+    /// Reports a pending runner ready (as the backend's event stream would), if it still exists.
+    pub fn report_ready(&self, id: &RunnerId, startup: Duration) {
+        if self.runner(id).is_some() {
+            self.emit(BackendEvent::RunnerReady {
+                runner: id.clone(),
+                startup,
+            });
+        }
+    }
+
+    /// Makes [`ExecutorApi::health`] fail with `reason` (`None`: healthy again).
+    pub fn set_unhealthy(&self, reason: Option<&str>) {
+        *self
+            .unhealthy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = reason.map(str::to_owned);
     }
 
     /// Makes the next `n` runner creations fail.
@@ -269,8 +325,16 @@ impl ExecutorApi for FakeExecutor {
         Ok(self.environments())
     }
 
-    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<RunnerInfo, BackendError> {
+    async fn create_runner(&self, spec: &EnvironmentSpec) -> Result<Creation, BackendError> {
         self.create_attempts.fetch_add(1, Ordering::SeqCst);
+        let stalled = self
+            .stalled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&spec.id);
+        if stalled {
+            std::future::pending::<()>().await;
+        }
         let now = self.creating_now.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_concurrent_creates.fetch_max(now, Ordering::SeqCst);
         let delay = *self
@@ -311,7 +375,34 @@ impl ExecutorApi for FakeExecutor {
                 files: BTreeMap::new(),
             },
         );
-        Ok(info)
+        let readiness = *self
+            .readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match readiness {
+            Readiness::AtOnce => Ok(Creation::Ready(info)),
+            Readiness::Never => Ok(Creation::Pending(info)),
+            Readiness::After(delay) => {
+                let fake = self.clone();
+                let id = info.id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    fake.report_ready(&id, delay);
+                });
+                Ok(Creation::Pending(info))
+            }
+        }
+    }
+
+    async fn health(&self) -> Result<(), BackendError> {
+        match &*self
+            .unhealthy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some(reason) => Err(BackendError::Unreachable(reason.clone())),
+            None => Ok(()),
+        }
     }
 
     async fn destroy_runner(

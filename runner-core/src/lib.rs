@@ -31,7 +31,7 @@ pub use execution::{
 #[cfg(any(test, feature = "mock"))]
 pub use executor::MockExecutorApi;
 pub use executor::{
-    BackendError, BackendEvent, ExecutionHandle, ExecutorApi, MappedPort, RecordedState,
+    BackendError, BackendEvent, Creation, ExecutionHandle, ExecutorApi, MappedPort, RecordedState,
     RunnerInfo, RunnerRecord, RunnerState, UsedState,
 };
 pub use files::{

@@ -102,13 +102,19 @@ pub trait Manager: Send + Sync + fmt::Debug {
     /// All environments, ordered by id.
     fn environments(&self) -> Vec<Arc<dyn Environment>>;
 
-    /// Claims an idle runner at once, or fails with [`ManagerError::NoIdleRunner`]. A zero
-    /// `inactivity_timeout` means the runner never expires.
-    fn claim(
+    /// Claims an idle runner, or fails with [`ManagerError::NoIdleRunner`]: at once when the
+    /// pool is empty with no runner on its way, after a short bounded wait when runners are being
+    /// created but none became ready. A zero `inactivity_timeout` means the runner never expires.
+    async fn claim(
         &self,
         environment: EnvironmentId,
         inactivity_timeout: Duration,
     ) -> Result<Arc<dyn Runner>, ManagerError>;
+
+    /// Whether the backend can be reached and serve requests; the reason when it cannot.
+    async fn backend_health(&self) -> Result<(), crate::executor::BackendError> {
+        Ok(())
+    }
 
     /// A used runner; idle and unknown ids are [`ManagerError::UnknownRunner`].
     fn runner(&self, id: &RunnerId) -> Result<Arc<dyn Runner>, ManagerError>;

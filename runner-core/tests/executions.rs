@@ -21,7 +21,7 @@ async fn claimed(
     let manager = started(&fake, config).await;
     manager.put_environment(spec(1, 1)).await.unwrap();
     eventually("pool filled", || idle(&manager, 1) == 1).await;
-    let runner = manager.claim(env_id(1), timeout).unwrap();
+    let runner = manager.claim(env_id(1), timeout).await.unwrap();
     (fake, manager, runner)
 }
 

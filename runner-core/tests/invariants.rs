@@ -69,7 +69,7 @@ async fn scenario(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut ever_claimed: HashSet<RunnerId> = HashSet::new();
     for op in ops {
         match op {
-            Op::Claim => match manager.claim(env_id(1), Duration::ZERO) {
+            Op::Claim => match manager.claim(env_id(1), Duration::ZERO).await {
                 Ok(runner) => {
                     prop_assert!(
                         ever_claimed.insert(runner.id().clone()),

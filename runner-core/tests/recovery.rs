@@ -22,7 +22,10 @@ async fn restart_reattaches_used_runners_with_files_and_refills_idle_ones() {
     let before = started(&fake, config()).await;
     before.put_environment(spec(1, 3)).await.unwrap();
     eventually("pool filled", || idle(&before, 1) == 3).await;
-    let runner = before.claim(env_id(1), Duration::from_secs(600)).unwrap();
+    let runner = before
+        .claim(env_id(1), Duration::from_secs(600))
+        .await
+        .unwrap();
     runner
         .update_files(FileUpdate {
             delete: vec![],
@@ -77,7 +80,10 @@ async fn restored_runners_keep_their_remaining_timeout() {
     let before = started(&fake, config()).await;
     before.put_environment(spec(1, 1)).await.unwrap();
     eventually("pool filled", || idle(&before, 1) == 1).await;
-    let runner = before.claim(env_id(1), Duration::from_secs(60)).unwrap();
+    let runner = before
+        .claim(env_id(1), Duration::from_secs(60))
+        .await
+        .unwrap();
     let id = runner.id().clone();
     before.shutdown().await;
     drop((before, runner));
@@ -109,6 +115,7 @@ async fn runners_that_expired_while_down_are_destroyed() {
     eventually("pool filled", || idle(&before, 1) == 1).await;
     let id = before
         .claim(env_id(1), Duration::from_secs(5))
+        .await
         .unwrap()
         .id()
         .clone();
@@ -220,9 +227,9 @@ async fn duplicate_records_are_destroyed_not_handed_out() {
         destroyed_rx.recv().await,
         Some((duplicate.id.clone(), DestroyReason::Replaced))
     );
-    let claimed = manager.claim(env_id(1), Duration::ZERO).unwrap();
+    let claimed = manager.claim(env_id(1), Duration::ZERO).await.unwrap();
     assert_eq!(claimed.id(), &single.id);
-    assert!(manager.claim(env_id(1), Duration::ZERO).is_err());
+    assert!(manager.claim(env_id(1), Duration::ZERO).await.is_err());
 }
 
 #[tokio::test(start_paused = true)]
@@ -231,7 +238,7 @@ async fn resynchronisation_drops_runners_the_backend_lost() {
     let manager = started(&fake, config()).await;
     manager.put_environment(spec(1, 2)).await.unwrap();
     eventually("pool filled", || idle(&manager, 1) == 2).await;
-    let held = manager.claim(env_id(1), Duration::ZERO).unwrap();
+    let held = manager.claim(env_id(1), Duration::ZERO).await.unwrap();
     eventually("refilled", || idle(&manager, 1) == 2).await;
     let idle_id = fake
         .runners()
@@ -268,15 +275,11 @@ async fn a_stopped_idle_runner_leaves_the_pool_and_is_replaced() {
         idle(&manager, 1) == 2 && fake.runner(&victim).is_none() && fake.runners().len() == 2
     })
     .await;
-    let claimed: HashSet<_> = (0..2)
-        .map(|_| {
-            manager
-                .claim(env_id(1), Duration::ZERO)
-                .unwrap()
-                .id()
-                .clone()
-        })
-        .collect();
+    let mut claimed = HashSet::new();
+    for _ in 0..2 {
+        let runner = manager.claim(env_id(1), Duration::ZERO).await.unwrap();
+        claimed.insert(runner.id().clone());
+    }
     assert!(!claimed.contains(&victim));
 }
 
@@ -294,11 +297,12 @@ async fn a_slow_reload_neither_revives_destroyed_runners_nor_drops_new_ones() {
     fake.set_create_delay(Duration::from_secs(3_600));
     let gone = manager
         .claim(env_id(1), Duration::ZERO)
+        .await
         .unwrap()
         .id()
         .clone();
     manager.return_runner(&gone).await.unwrap();
-    let kept = manager.claim(env_id(1), Duration::ZERO).unwrap();
+    let kept = manager.claim(env_id(1), Duration::ZERO).await.unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await; // the reload finishes
     assert!(fake.runner(&gone).is_none());
     assert!(
@@ -308,6 +312,7 @@ async fn a_slow_reload_neither_revives_destroyed_runners_nor_drops_new_ones() {
     assert_eq!(idle(&manager, 1), 1, "only the untouched runner is idle");
     let last = manager
         .claim(env_id(1), Duration::ZERO)
+        .await
         .unwrap()
         .id()
         .clone();
@@ -325,7 +330,10 @@ async fn shutdown_waits_for_a_claims_used_mark() {
     manager.put_environment(spec(1, 1)).await.unwrap();
     eventually("pool filled", || idle(&manager, 1) == 1).await;
     fake.set_mark_delay(Duration::from_secs(2));
-    let runner = manager.claim(env_id(1), Duration::from_secs(60)).unwrap();
+    let runner = manager
+        .claim(env_id(1), Duration::from_secs(60))
+        .await
+        .unwrap();
     manager.shutdown().await;
     assert!(
         matches!(

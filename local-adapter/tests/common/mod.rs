@@ -96,6 +96,7 @@ impl Fixture {
             .create_runner(&spec)
             .await
             .expect("create runner")
+            .into_info()
             .id
     }
 

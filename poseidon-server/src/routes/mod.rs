@@ -93,13 +93,20 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{} does not take the method {method}", uri.path()))
 }
 
-/// Whether the service is healthy: 503 while a prewarming pool is below the alert threshold.
+/// Whether the service is healthy: 503 `NOMAD_UNREACHABLE` while the backend cannot be reached,
+/// 503 `PREWARMING_POOL_DEPLETING` while an environment cannot get runners or a prewarming pool
+/// is below the alert threshold.
 #[utoipa::path(get, path = "/health", tag = "miscellaneous",
     responses(
         (status = 204, description = "Everything okay"),
-        (status = 503, description = "A prewarming pool is depleting", body = crate::error::InternalServerError),
+        (status = 503, description = "The backend cannot be reached or a prewarming pool is depleting", body = crate::error::InternalServerError),
     ))]
 pub async fn health(State(state): State<Arc<AppState>>) -> Result<StatusCode, ApiError> {
+    if let Err(error) = state.manager.backend_health().await {
+        return Err(ApiError::BackendDown(format!(
+            "the runner backend cannot be reached: {error}"
+        )));
+    }
     let failed = state.manager.failed_environments();
     let depleting: Vec<String> = state
         .manager
@@ -150,9 +157,10 @@ pub async fn statistics(State(state): State<Arc<AppState>>) -> Json<EnvironmentS
         .iter()
         .map(|env| {
             let stats = env.statistics();
+            let key = stats.id.to_string();
             let mut entry = EnvironmentStatisticsEntry::from(stats);
             entry.creation_error = env.creation_failure();
-            (stats.id.to_string(), entry)
+            (key, entry)
         })
         .collect();
     Json(map)

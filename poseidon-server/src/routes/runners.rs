@@ -75,7 +75,8 @@ pub async fn provide(
     let timeout = input::opt_uint(&map, "inactivityTimeout", MAX_SECONDS)?.unwrap_or(0);
     let runner = state
         .manager
-        .claim(environment, Duration::from_secs(timeout))?;
+        .claim(environment, Duration::from_secs(timeout))
+        .await?;
     tracing::info!(runner_id = %runner.id(), environment_id = %environment, "runner claimed");
     let tags = RunnerTags {
         runner_id: runner.id().to_string(),

@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -33,6 +32,7 @@ use crate::executor::{
 };
 use crate::ids::{EnvironmentId, RunnerId};
 use crate::traits::{Environment, Manager, PutOutcome, Runner};
+use environment::{Offer, ReadyOutcome, StoppedRunner};
 
 /// How long shutdown waits for background backend calls.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
@@ -47,8 +47,15 @@ pub struct ManagerConfig {
     pub bounds: SpecBounds,
     /// The most runners (idle targets plus used) all environments together may have.
     pub max_runners: usize,
-    /// Runner creations running at once, over all environments.
+    /// Runner creation calls running at once per environment (each environment refills on its
+    /// own, so a slow one cannot starve another).
     pub refill_concurrency: usize,
+    /// How long a runner the backend accepted as pending may take to become ready before it is
+    /// destroyed and replaced.
+    pub startup_timeout: Duration,
+    /// How long a claim on an empty pool waits for a runner that is on its way (created or
+    /// pending); a pool with nothing on its way fails the claim at once.
+    pub claim_wait: Duration,
     /// Delays between retries of failed backend calls.
     pub backoff: BackoffPolicy,
     /// Attempts for background calls that must eventually succeed (mark used, destroy).
@@ -77,6 +84,8 @@ impl Default for ManagerConfig {
             bounds: SpecBounds::default(),
             max_runners: 1_000,
             refill_concurrency: 4,
+            startup_timeout: Duration::from_secs(120),
+            claim_wait: Duration::from_secs(2),
             backoff: BackoffPolicy::default(),
             max_attempts: 8,
             execution_ttl: Duration::from_secs(300),
@@ -100,12 +109,17 @@ pub struct RunnerManager {
     used: RwLock<HashMap<RunnerId, Arc<UsedRunner>>>,
     /// Serialises environment changes (PUT/DELETE/reload) so they do not interleave.
     env_changes: tokio::sync::Mutex<()>,
-    creations: Arc<Semaphore>,
     shutdown: CancellationToken,
     weak: Weak<RunnerManager>,
     /// Runners destroyed while a reload is reading the backend's records: the reload's snapshot
     /// may still list them, and they must not come back.
     tombstones: std::sync::Mutex<Option<std::collections::HashSet<RunnerId>>>,
+    /// Runners whose destruction on the backend has started and not yet ended: a reload that
+    /// starts meanwhile may still read their records, and they must not come back either.
+    destroying: Arc<std::sync::Mutex<std::collections::HashSet<RunnerId>>>,
+    /// The latest destroyed runners (bounded): a creation answer or a record that names one of
+    /// them arrives late and must not bring it back.
+    recently_destroyed: std::sync::Mutex<RecentSet>,
     /// Background backend calls (used-marks, destructions) that shutdown waits for, so a clean
     /// shutdown does not leave a claim unrecorded or a replaced runner alive.
     tasks: tokio_util::task::TaskTracker,
@@ -115,17 +129,17 @@ impl RunnerManager {
     /// A manager over `backend`; it knows no environment until [`RunnerManager::recover`] or a
     /// `put_environment`.
     pub fn new(backend: Arc<dyn ExecutorApi>, config: ManagerConfig) -> Arc<Self> {
-        let permits = config.refill_concurrency.max(1);
         Arc::new_cyclic(|weak| Self {
             backend,
             config,
             environments: RwLock::new(BTreeMap::new()),
             used: RwLock::new(HashMap::new()),
             env_changes: tokio::sync::Mutex::new(()),
-            creations: Arc::new(Semaphore::new(permits)),
             shutdown: CancellationToken::new(),
             weak: weak.clone(),
             tombstones: std::sync::Mutex::new(None),
+            destroying: Arc::default(),
+            recently_destroyed: std::sync::Mutex::new(RecentSet::default()),
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -194,6 +208,22 @@ impl RunnerManager {
         self.used.write().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn is_used(&self, id: &RunnerId) -> bool {
+        self.read_used().contains_key(id)
+    }
+
+    /// Whether the runner is used, or was destroyed recently (or while a reload runs): either
+    /// way it must not be pooled.
+    fn is_taken(&self, id: &RunnerId) -> bool {
+        self.is_used(id)
+            || self
+                .recently_destroyed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(id)
+            || self.is_tombstoned(id)
+    }
+
     fn managed(&self, id: EnvironmentId) -> Option<Arc<ManagedEnvironment>> {
         self.read_envs().get(&id).cloned()
     }
@@ -231,6 +261,24 @@ impl RunnerManager {
         env
     }
 
+    /// Marks a runner as being destroyed on the backend until the returned guard is dropped, and
+    /// as destroyed for a reload that runs meanwhile.
+    fn destroying(&self, runner: &RunnerId) -> DestroyingGuard {
+        self.note_destroyed(runner);
+        self.recently_destroyed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(runner.clone());
+        self.destroying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(runner.clone());
+        DestroyingGuard {
+            set: Arc::clone(&self.destroying),
+            runner: runner.clone(),
+        }
+    }
+
     /// Remembers a destroyed runner while a reload runs (see `tombstones`).
     fn note_destroyed(&self, runner: &RunnerId) {
         if let Some(set) = self
@@ -245,22 +293,32 @@ impl RunnerManager {
 
     /// Destroys a runner on the backend in the background, retrying with backoff.
     fn destroy_in_background(&self, runner: RunnerId, reason: DestroyReason) {
-        self.note_destroyed(&runner);
+        let guard = self.destroying(&runner);
         let backend = Arc::clone(&self.backend);
         let policy = self.config.backoff;
         let attempts = self.config.max_attempts;
         self.tasks.spawn(async move {
             destroy_with_retry(backend.as_ref(), &runner, &reason, policy, attempts).await;
+            drop(guard);
         });
     }
 
     /// Removes a used runner and destroys it; its running executions get `reason`'s message.
     async fn destroy_used(&self, id: &RunnerId, reason: DestroyReason) -> Result<(), ManagerError> {
-        let runner = self
-            .write_used()
-            .remove(id)
-            .ok_or_else(|| ManagerError::UnknownRunner(id.clone()))?;
-        self.note_destroyed(id);
+        // Marked as being destroyed and removed from the used runners with its pool locked, so
+        // a reload deciding about the same runner (under that lock) sees one or the other.
+        let environment = self.read_used().get(id).map(|r| r.environment());
+        let unregister = || {
+            let guard = self.destroying(id);
+            (guard, self.write_used().remove(id))
+        };
+        let (guard, runner) = match environment.and_then(|e| self.managed(e)) {
+            Some(env) => env.with_pool(|_| unregister()),
+            None => unregister(),
+        };
+        let Some(runner) = runner else {
+            return Err(ManagerError::UnknownRunner(id.clone()));
+        };
         if let Some(env) = self.managed(runner.environment()) {
             env.used_changed(-1);
             self.check_pool_alert(&env);
@@ -275,8 +333,9 @@ impl RunnerManager {
             return Ok(());
         }
         match self.backend.destroy_runner(id, &reason).await {
-            Ok(()) => {}
+            Ok(()) => drop(guard),
             Err(err) => {
+                drop(guard);
                 warn!(runner_id = %id, error = %err, "destroying runner failed; retrying in the background");
                 self.destroy_in_background(id.clone(), reason);
             }
@@ -335,50 +394,130 @@ impl RunnerManager {
     async fn handle_event(&self, event: BackendEvent) {
         match event {
             BackendEvent::RunnerStopped { runner, reason } => {
-                if self.read_used().contains_key(&runner) {
-                    let _ = self.destroy_used(&runner, reason).await;
-                    return;
-                }
-                let env = runner
-                    .environment()
-                    .and_then(|e| self.managed(e))
-                    .filter(|e| e.contains_idle(&runner));
-                let env = match env {
-                    Some(env) => Some(env),
-                    None => self
-                        .read_envs()
-                        .values()
-                        .find(|e| e.contains_idle(&runner))
-                        .cloned(),
-                };
-                if let Some(env) = env {
-                    env.remove_idle(&runner);
-                    info!(runner_id = %runner, environment_id = %env.id(), reason = reason.label(), "idle runner stopped");
-                    if !reason.is_local() {
-                        self.destroy_in_background(runner, reason);
-                    }
-                    env.wake_refill();
-                    self.check_pool_alert(&env);
-                }
+                self.runner_stopped(runner, reason).await
             }
             BackendEvent::RunnerStarted { info, startup } => {
                 let known = self.read_used().contains_key(&info.id)
-                    || self.read_envs().values().any(|e| e.contains_idle(&info.id));
+                    || self
+                        .read_envs()
+                        .values()
+                        .any(|e| e.with_pool(|p| p.contains(&info.id) || p.is_pending(&info.id)));
                 if known {
                     return;
                 }
-                match self.managed(info.environment) {
-                    Some(env) if env.offer_idle(info.clone()) => {
+                let offer = self
+                    .managed(info.environment)
+                    .map(|env| env.offer_idle(info.clone(), |id| self.is_taken(id)));
+                match offer {
+                    Some(Offer::Pooled) => {
                         debug!(runner_id = %info.id, ?startup, "backend started an idle runner");
                     }
-                    _ => self.destroy_in_background(info.id, DestroyReason::Replaced),
+                    Some(Offer::Known) => {}
+                    Some(Offer::Unwanted) | None => {
+                        self.destroy_in_background(info.id, DestroyReason::Replaced);
+                    }
                 }
+            }
+            BackendEvent::RunnerReady { runner, startup } => {
+                for env in self.candidate_environments(&runner) {
+                    match env.ready(&runner) {
+                        ReadyOutcome::Pooled => {
+                            debug!(runner_id = %runner, environment_id = %env.id(), ?startup, "runner ready");
+                            self.check_pool_alert(&env);
+                            return;
+                        }
+                        ReadyOutcome::Unwanted(info) => {
+                            debug!(runner_id = %runner, environment_id = %env.id(), "runner ready but no longer wanted");
+                            self.destroy_in_background(info.id, DestroyReason::EnvironmentUpdated);
+                            env.wake_refill();
+                            return;
+                        }
+                        ReadyOutcome::Unknown => {}
+                    }
+                }
+                debug!(runner_id = %runner, "ready event for a runner that is not pending");
             }
             BackendEvent::Resynchronize => {
                 if let Err(err) = self.reload_all().await {
                     warn!(error = %err, "reloading runners after a backend resynchronisation failed");
                 }
             }
+            BackendEvent::EnvironmentAppeared(spec) => {
+                let _guard = self.env_changes.lock().await;
+                if self.managed(spec.id).is_some() {
+                    debug!(environment_id = %spec.id, "backend reports a known environment");
+                    return;
+                }
+                info!(environment_id = %spec.id, "environment appeared on the backend; adopting it");
+                let env = self.install_environment(spec);
+                if let Err(err) = self.reload_environment(&env).await {
+                    warn!(environment_id = %env.id(), error = %err, "loading the runners of an adopted environment failed");
+                }
+            }
+            BackendEvent::EnvironmentVanished(id) => {
+                let _guard = self.env_changes.lock().await;
+                if self.remove_environment(id).await.is_ok() {
+                    warn!(environment_id = %id, "environment vanished from the backend; its runners are destroyed");
+                }
+            }
+        }
+    }
+
+    /// The environments a runner may belong to: the one its id names first, then every other.
+    fn candidate_environments(&self, runner: &RunnerId) -> Vec<Arc<ManagedEnvironment>> {
+        let named = runner.environment();
+        let envs = self.read_envs();
+        let mut out: Vec<_> = named
+            .and_then(|e| envs.get(&e).cloned())
+            .into_iter()
+            .collect();
+        out.extend(envs.values().filter(|e| Some(e.id()) != named).cloned());
+        out
+    }
+
+    /// A runner stopped on its own. It is idle, pending or used in exactly one place (a claim
+    /// moves it from idle to used with the pool locked), so the check happens under that lock.
+    async fn runner_stopped(&self, runner: RunnerId, reason: DestroyReason) {
+        enum Found {
+            Idle(Arc<ManagedEnvironment>),
+            Pending(Arc<ManagedEnvironment>),
+            Used,
+        }
+        let mut found = None;
+        for env in self.candidate_environments(&runner) {
+            found = match env.locate_stopped(&runner, |id| self.is_used(id)) {
+                StoppedRunner::Idle => Some(Found::Idle(env)),
+                StoppedRunner::Pending => Some(Found::Pending(env)),
+                StoppedRunner::Used => Some(Found::Used),
+                StoppedRunner::Unknown => continue,
+            };
+            break;
+        }
+        if found.is_none() && self.is_used(&runner) {
+            found = Some(Found::Used);
+        }
+        match found {
+            Some(Found::Used) => {
+                let _ = self.destroy_used(&runner, reason).await;
+            }
+            Some(Found::Idle(env)) => {
+                info!(runner_id = %runner, environment_id = %env.id(), reason = reason.label(), "idle runner stopped");
+                if !reason.is_local() {
+                    self.destroy_in_background(runner, reason);
+                }
+                env.wake_refill();
+                self.check_pool_alert(&env);
+            }
+            Some(Found::Pending(env)) => {
+                if env.pending_stopped(&runner, &reason.to_string()) {
+                    warn!(runner_id = %runner, environment_id = %env.id(), reason = reason.label(), "runner stopped before it was ready");
+                    if !reason.is_local() {
+                        self.destroy_in_background(runner, reason);
+                    }
+                    env.wake_refill();
+                }
+            }
+            None => debug!(runner_id = %runner, "stop event for an unknown runner"),
         }
     }
 
@@ -412,7 +551,7 @@ impl RunnerManager {
         });
     }
 
-    fn claim_runner(
+    async fn claim_runner(
         &self,
         environment: EnvironmentId,
         inactivity_timeout: Duration,
@@ -420,14 +559,25 @@ impl RunnerManager {
         let env = self
             .managed(environment)
             .ok_or(ManagerError::UnknownEnvironment(environment))?;
-        let Some(info) = env.take_idle() else {
+        let deadline = tokio::time::Instant::now() + self.config.claim_wait;
+        let runner = loop {
+            let idle_added = env.idle_added();
+            tokio::pin!(idle_added);
+            idle_added.as_mut().enable();
+            if let Some(runner) =
+                env.claim_with(|info| self.register_used(info, inactivity_timeout, None))
+            {
+                break runner;
+            }
             env.wake_refill();
             self.check_pool_alert(&env);
-            return Err(ManagerError::NoIdleRunner(environment));
+            if !env.expecting_runner()
+                || tokio::time::timeout_at(deadline, idle_added).await.is_err()
+            {
+                return Err(ManagerError::NoIdleRunner(environment));
+            }
         };
         env.wake_refill();
-        let runner = self.register_used(info, inactivity_timeout, None);
-        env.used_changed(1);
         self.check_pool_alert(&env);
         let deadline = runner.remaining().map(|r| SystemTime::now() + r);
         self.mark_used_in_background(
@@ -466,6 +616,87 @@ impl RunnerManager {
             }
         });
         runner
+    }
+}
+
+impl RunnerManager {
+    /// Forgets an environment and destroys all its runners (idle, pending and used). The caller
+    /// holds `env_changes`. Closing the pool first means no claim can take a runner of it
+    /// afterwards, and every claim that did is already among the used runners.
+    async fn remove_environment(&self, id: EnvironmentId) -> Result<(), ManagerError> {
+        let env = self
+            .write_envs()
+            .remove(&id)
+            .ok_or(ManagerError::UnknownEnvironment(id))?;
+        let idle = env.close();
+        let used: Vec<RunnerId> = self
+            .read_used()
+            .values()
+            .filter(|r| r.environment() == id)
+            .map(|r| r.id().clone())
+            .collect();
+        let reason = DestroyReason::EnvironmentDeleted;
+        let destroy_idle = idle.into_iter().map(|info| {
+            let backend = Arc::clone(&self.backend);
+            let reason = reason.clone();
+            let policy = self.config.backoff;
+            let attempts = self.config.max_attempts;
+            let guard = self.destroying(&info.id);
+            async move {
+                destroy_with_retry(backend.as_ref(), &info.id, &reason, policy, attempts).await;
+                drop(guard);
+            }
+        });
+        let destroy_used = used.iter().map(|r| self.destroy_used(r, reason.clone()));
+        futures::future::join(
+            futures::future::join_all(destroy_idle),
+            futures::future::join_all(destroy_used),
+        )
+        .await;
+        Ok(())
+    }
+}
+
+/// The latest runner ids inserted, at most [`RecentSet::CAPACITY`], forgetting the oldest.
+#[derive(Debug, Default)]
+struct RecentSet {
+    members: std::collections::HashSet<RunnerId>,
+    order: std::collections::VecDeque<RunnerId>,
+}
+
+impl RecentSet {
+    const CAPACITY: usize = 4_096;
+
+    fn insert(&mut self, id: RunnerId) {
+        if !self.members.insert(id.clone()) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::CAPACITY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.members.remove(&oldest);
+        }
+    }
+
+    fn contains(&self, id: &RunnerId) -> bool {
+        self.members.contains(id)
+    }
+}
+
+/// Keeps a runner in the manager's set of runners being destroyed until dropped.
+#[derive(Debug)]
+struct DestroyingGuard {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<RunnerId>>>,
+    runner: RunnerId,
+}
+
+impl Drop for DestroyingGuard {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.runner);
     }
 }
 
@@ -536,33 +767,7 @@ impl Manager for RunnerManager {
 
     async fn delete_environment(&self, id: EnvironmentId) -> Result<(), ManagerError> {
         let _guard = self.env_changes.lock().await;
-        let env = self
-            .write_envs()
-            .remove(&id)
-            .ok_or(ManagerError::UnknownEnvironment(id))?;
-        let idle = env.close();
-        let used: Vec<RunnerId> = self
-            .read_used()
-            .values()
-            .filter(|r| r.environment() == id)
-            .map(|r| r.id().clone())
-            .collect();
-        let reason = DestroyReason::EnvironmentDeleted;
-        let destroy_idle = idle.into_iter().map(|info| {
-            let backend = Arc::clone(&self.backend);
-            let reason = reason.clone();
-            let policy = self.config.backoff;
-            let attempts = self.config.max_attempts;
-            async move {
-                destroy_with_retry(backend.as_ref(), &info.id, &reason, policy, attempts).await;
-            }
-        });
-        let destroy_used = used.iter().map(|r| self.destroy_used(r, reason.clone()));
-        futures::future::join(
-            futures::future::join_all(destroy_idle),
-            futures::future::join_all(destroy_used),
-        )
-        .await;
+        self.remove_environment(id).await?;
         // The environment is already gone from memory, so a transient backend failure is retried
         // here rather than left for the client to retry into a 404.
         let mut backoff = Backoff::new(self.config.backoff);
@@ -595,13 +800,18 @@ impl Manager for RunnerManager {
             .collect()
     }
 
-    fn claim(
+    async fn claim(
         &self,
         environment: EnvironmentId,
         inactivity_timeout: Duration,
     ) -> Result<Arc<dyn Runner>, ManagerError> {
         self.claim_runner(environment, inactivity_timeout)
+            .await
             .map(|r| r as Arc<dyn Runner>)
+    }
+
+    async fn backend_health(&self) -> Result<(), BackendError> {
+        self.backend.health().await
     }
 
     fn runner(&self, id: &RunnerId) -> Result<Arc<dyn Runner>, ManagerError> {

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
+use super::environment::Offer;
 use super::{ManagedEnvironment, RunnerManager};
 use crate::destroy::DestroyReason;
 use crate::error::ManagerError;
@@ -99,10 +100,21 @@ impl RunnerManager {
             .map(|r| r.id().clone())
             .collect();
         let idle_before: HashSet<RunnerId> = env.idle_ids().into_iter().collect();
-        self.set_tombstones(Some(HashSet::new()));
+        // Runners whose destruction is under way may still be in the records read below.
+        let in_flight = self
+            .destroying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        self.set_tombstones(Some(in_flight));
         let records = self.backend.load_runners(env.id()).await;
-        let destroyed_meanwhile = self.set_tombstones(None).unwrap_or_default();
-        let records = records?;
+        let records = match records {
+            Ok(records) => records,
+            Err(err) => {
+                self.set_tombstones(None);
+                return Err(err.into());
+            }
+        };
         let mut seen: HashSet<RunnerId> = HashSet::new();
         let mut duplicates: HashSet<RunnerId> = HashSet::new();
         for record in &records {
@@ -130,7 +142,9 @@ impl RunnerManager {
 
         let mut handled: HashSet<RunnerId> = HashSet::new();
         for RunnerRecord { info, state } in records {
-            if !handled.insert(info.id.clone()) || destroyed_meanwhile.contains(&info.id) {
+            // Runners destroyed since the snapshot was taken (also while this loop awaits) must
+            // not come back.
+            if !handled.insert(info.id.clone()) || self.is_tombstoned(&info.id) {
                 continue;
             }
             if duplicates.contains(&info.id) {
@@ -140,8 +154,7 @@ impl RunnerManager {
                 report.destroyed += 1;
                 continue;
             }
-            let used_here = self.read_used().contains_key(&info.id);
-            if used_here {
+            if self.is_used(&info.id) {
                 // Still held by a client of this process: keep the object (and its executions).
                 continue;
             }
@@ -157,28 +170,42 @@ impl RunnerManager {
                         report.destroyed += 1;
                         continue;
                     }
-                    if env.remove_idle(&info.id).is_some() {
-                        warn!(runner_id = %info.id, "runner was idle here but is recorded used; treating it as used");
+                    // Decided with the pool locked: a runner returned meanwhile is tombstoned
+                    // and no longer used, atomically (see `destroy_used`).
+                    let adopted = env.with_pool(|pool| {
+                        if self.is_taken(&info.id) {
+                            return false;
+                        }
+                        if pool.remove(&info.id).is_some() {
+                            warn!(runner_id = %info.id, "runner was idle here but is recorded used; treating it as used");
+                        }
+                        self.register_used(info, used.inactivity_timeout, remaining);
+                        true
+                    });
+                    if adopted {
+                        env.used_changed(1);
+                        report.used += 1;
                     }
-                    self.register_used(info, used.inactivity_timeout, remaining);
-                    env.used_changed(1);
-                    report.used += 1;
                 }
                 RecordedState::Idle => {
                     if env.contains_idle(&info.id) {
                         continue;
                     }
-                    if env.offer_idle(info.clone()) {
-                        report.idle += 1;
-                    } else {
-                        self.destroy_in_background(info.id, DestroyReason::EnvironmentUpdated);
-                        report.destroyed += 1;
+                    match env.offer_idle(info.clone(), |id| {
+                        self.is_used(id) || self.is_tombstoned(id)
+                    }) {
+                        Offer::Pooled => report.idle += 1,
+                        Offer::Known => {}
+                        Offer::Unwanted => {
+                            self.destroy_in_background(info.id, DestroyReason::EnvironmentUpdated);
+                            report.destroyed += 1;
+                        }
                     }
                 }
                 RecordedState::Uncertain => {
                     if env.remove_idle(&info.id).is_some() {
                         // It was idle in this very process, so its state is known after all.
-                        env.offer_idle(info);
+                        env.offer_idle(info, |id| self.is_taken(id));
                         continue;
                     }
                     info!(runner_id = %info.id, "runner state uncertain after a crash; destroying it");
@@ -187,8 +214,18 @@ impl RunnerManager {
                 }
             }
         }
+        self.set_tombstones(None);
         env.wake_refill();
         Ok(())
+    }
+
+    /// Whether `id` was destroyed while the running reload reads and applies the records.
+    pub(super) fn is_tombstoned(&self, id: &RunnerId) -> bool {
+        self.tombstones
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|set| set.contains(id))
     }
 
     /// Replaces the tombstone set, returning the previous one.
