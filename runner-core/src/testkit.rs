@@ -1088,10 +1088,10 @@ impl<'a> Session<'a> {
         within: Duration,
         what: &str,
     ) -> BackendEvent {
-        if let Some(at) = self.backlog.iter().position(&wanted) {
-            if let Some(event) = self.backlog.remove(at) {
-                return event;
-            }
+        if let Some(at) = self.backlog.iter().position(&wanted)
+            && let Some(event) = self.backlog.remove(at)
+        {
+            return event;
         }
         let events = self
             .events
