@@ -627,18 +627,8 @@ impl Conformance {
             .await
             .expect("the execution dropped its stdin while running");
         let mut o = Outcome::default();
-        let deadline = Instant::now() + self.execution_within;
-        while !o.out().contains("ping") {
-            match tokio::time::timeout_at(deadline.into(), events.recv()).await {
-                Ok(Some(event)) => o.take(event),
-                Ok(None) => panic!("the execution ended before stdin was closed: {o:?}"),
-                Err(_) => panic!("stdin never reached stdout within the bound: {o:?}"),
-            }
-            assert!(
-                o.terminal.is_none(),
-                "cat ended while stdin was open: {o:?}"
-            );
-        }
+        o.await_stdout(&mut events, "ping", self.execution_within)
+            .await;
         // Still running a moment later: it waits for more input.
         if let Ok(Some(event)) =
             tokio::time::timeout(Duration::from_millis(300), events.recv()).await
@@ -652,6 +642,54 @@ impl Conformance {
         drop(stdin);
         o.collect(&mut events, self.execution_within).await;
         o.expect_exit(0);
+        s.finish().await;
+        Verdict::Passed
+    }
+
+    /// Several executions run at once on one runner, each with its own stdin and output: two
+    /// `cat`s fed different words each echo only their own, and each exits 0 once its stdin is
+    /// closed.
+    pub async fn executions_on_one_runner_stay_apart(&self) -> Verdict {
+        let mut s = Session::start(self).await;
+        s.register(&self.spec).await;
+        let r = s.create().await.id;
+        let mut running = Vec::new();
+        for word in ["first", "second"] {
+            let handle = s
+                .backend()
+                .execute(
+                    &r,
+                    &ExecutionRequest::new(self.commands.cat.clone()),
+                    CancellationToken::new(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("execute failed: {e}"));
+            running.push((word, handle));
+        }
+        let mut outcomes = Vec::new();
+        for (word, handle) in &mut running {
+            handle
+                .stdin
+                .send(Bytes::from(format!("{word}\n")))
+                .await
+                .expect("the execution dropped its stdin while running");
+            let mut o = Outcome::default();
+            o.await_stdout(&mut handle.events, word, self.execution_within)
+                .await;
+            outcomes.push(o);
+        }
+        for ((word, handle), mut o) in running.into_iter().zip(outcomes) {
+            let (stdin, mut events) = (handle.stdin, handle.events);
+            drop(stdin);
+            o.collect(&mut events, self.execution_within).await;
+            o.expect_exit(0);
+            let other = if word == "first" { "second" } else { "first" };
+            assert!(
+                !o.out().contains(other),
+                "the execution fed {word:?} received {other:?}: {:?}",
+                o.out()
+            );
+        }
         s.finish().await;
         Verdict::Passed
     }
@@ -890,6 +928,7 @@ macro_rules! conformance_tests {
             stderr_stays_apart,
             exit_codes_are_reported,
             stdin_is_read_until_closed,
+            executions_on_one_runner_stay_apart,
             cancel_ends_an_execution,
             a_command_within_its_time_limit_completes,
             files_are_written_listed_read_and_deleted,
@@ -1175,6 +1214,30 @@ impl Outcome {
                 Ok(None) => return,
                 Err(_) => panic!("the execution did not end within {within:?}: {self:?}"),
             }
+        }
+    }
+
+    /// Takes events until stdout contains `text`, failing if the execution ends (stdin is still
+    /// open) or that takes longer than `within`.
+    async fn await_stdout(
+        &mut self,
+        events: &mut tokio::sync::mpsc::Receiver<ExecutionEvent>,
+        text: &str,
+        within: Duration,
+    ) {
+        let deadline = Instant::now() + within;
+        while !self.out().contains(text) {
+            match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+                Ok(Some(event)) => self.take(event),
+                Ok(None) => panic!("the execution ended before stdin was closed: {self:?}"),
+                Err(_) => {
+                    panic!("{text:?} from stdin never reached stdout within {within:?}: {self:?}")
+                }
+            }
+            assert!(
+                self.terminal.is_none(),
+                "the execution ended while stdin was open: {self:?}"
+            );
         }
     }
 
