@@ -17,8 +17,8 @@
 //! | `vanish` | ends the stream without a terminal event |
 //! | anything else | `bash: <cmd>: command not found` on stderr, exit 127 |
 //!
-//! Files live in a map per runner, with the time each was written; paths starting with `/proc/`
-//! cannot be written.
+//! Files live in a map per runner, with the time each was written; directories exist as the
+//! parents of files (listed with type `d`); paths starting with `/proc/` cannot be written.
 //!
 //! Its durable state (environments, runners, records, files) can outlive an instance:
 //! [`FakeExecutor::restarted`] and [`FakeExecutor::crashed`] start a new one over it, after a
@@ -576,22 +576,41 @@ impl ExecutorApi for FakeExecutor {
             format!("{dir}/")
         };
         let shown = request.path.trim_end_matches('/');
-        Ok(r.files
-            .iter()
-            .filter_map(|(path, content)| {
-                let rest = path.strip_prefix(&prefix)?;
-                (request.recursive || !rest.contains('/')).then(|| FileHeader {
-                    name: format!("{shown}/{rest}"),
-                    entry_type: '-',
-                    link_target: None,
-                    size: content.len() as u64,
-                    modification_time: r.modified.get(path).copied().unwrap_or(0),
-                    permissions: "rwxr--r--".into(),
-                    owner: "root".into(),
-                    group: "root".into(),
-                })
-            })
-            .collect())
+        let header =
+            |rest: &str, entry_type: char, size: usize, modified: i64, mode: &str| FileHeader {
+                name: format!("{shown}/{rest}"),
+                entry_type,
+                link_target: None,
+                size: size as u64,
+                modification_time: modified,
+                permissions: mode.into(),
+                owner: "root".into(),
+                group: "root".into(),
+            };
+        // Directories exist implicitly, as the parents of files.
+        let mut entries: BTreeMap<String, FileHeader> = BTreeMap::new();
+        for (path, content) in &r.files {
+            let Some(rest) = path.strip_prefix(&prefix) else {
+                continue;
+            };
+            let modified = r.modified.get(path).copied().unwrap_or(0);
+            let parts: Vec<&str> = rest.split('/').collect();
+            let shown_dirs = if request.recursive { parts.len() } else { 2 };
+            for depth in 1..parts.len().min(shown_dirs) {
+                let dir = parts[..depth].join("/");
+                let entry = entries
+                    .entry(dir.clone())
+                    .or_insert_with(|| header(&dir, 'd', 0, modified, "rwxrwxrwt"));
+                entry.modification_time = entry.modification_time.max(modified);
+            }
+            if request.recursive || parts.len() == 1 {
+                entries.insert(
+                    rest.to_owned(),
+                    header(rest, '-', content.len(), modified, "rwxr--r--"),
+                );
+            }
+        }
+        Ok(entries.into_values().collect())
     }
 
     async fn read_file(
