@@ -766,7 +766,8 @@ impl Conformance {
     // ----- files -----
 
     /// Files copied into a runner are listed with their header fields (`-`, size, `rwxr--r--`,
-    /// owner and group `root`, a current modification time, no link target), read back the same
+    /// owner and group `root`, a current modification time, no link target), a subdirectory as
+    /// `d` (its files only when listing recursively), read back the same
     /// by relative and absolute (`/workspace/...`) path, and are gone once deleted; reading a
     /// missing file fails with [`FileError::NotFound`].
     pub async fn files_are_written_listed_read_and_deleted(&self) -> Verdict {
@@ -776,10 +777,14 @@ impl Conformance {
         let before = unix_now();
         s.copy(
             &r,
-            vec![file("kit/a.txt", "alpha"), file("kit/b.txt", "beta!!")],
+            vec![
+                file("kit/a.txt", "alpha"),
+                file("kit/b.txt", "beta!!"),
+                file("kit/sub/c.txt", "c"),
+            ],
         )
         .await;
-        let listing = s.list(&r, "kit").await;
+        let listing = s.list(&r, "kit", false).await;
         let a = header(&listing, "kit/a.txt");
         assert_eq!(a.entry_type, '-', "entry type of a file: {a:?}");
         assert_eq!(a.size, 5, "size of a.txt: {a:?}");
@@ -800,6 +805,20 @@ impl Conformance {
             a.modification_time
         );
         assert_eq!(header(&listing, "kit/b.txt").size, 6, "size of b.txt");
+        let sub = header(&listing, "kit/sub");
+        assert_eq!(sub.entry_type, 'd', "entry type of a directory: {sub:?}");
+        assert!(
+            listing.iter().all(|h| h.name != "kit/sub/c.txt"),
+            "a listing that is not recursive shows a subdirectory's file: {listing:?}"
+        );
+        let all = s.list(&r, "kit", true).await;
+        let mut names: Vec<&str> = all.iter().map(|h| h.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["kit/a.txt", "kit/b.txt", "kit/sub", "kit/sub/c.txt"],
+            "a recursive listing"
+        );
         assert_eq!(s.read(&r, "kit/a.txt").await, b"alpha", "read back a.txt");
         assert_eq!(
             s.read(&r, "/workspace/kit/b.txt").await,
@@ -816,7 +835,7 @@ impl Conformance {
             )
             .await
             .unwrap_or_else(|e| panic!("deleting kit/a.txt failed: {e}"));
-        let listing = s.list(&r, "kit").await;
+        let listing = s.list(&r, "kit", false).await;
         assert!(
             listing.iter().all(|h| h.name != "kit/a.txt"),
             "a deleted file is still listed: {listing:?}"
@@ -1069,10 +1088,10 @@ impl<'a> Session<'a> {
             .unwrap_or_else(|e| panic!("update_files on {runner} failed: {e}"));
     }
 
-    async fn list(&self, runner: &RunnerId, path: &str) -> Vec<FileHeader> {
+    async fn list(&self, runner: &RunnerId, path: &str, recursive: bool) -> Vec<FileHeader> {
         let request = ListFilesRequest {
             path: path.into(),
-            recursive: false,
+            recursive,
             privileged: true,
         };
         self.backend()
