@@ -17,7 +17,14 @@
 //! | `vanish` | ends the stream without a terminal event |
 //! | anything else | `bash: <cmd>: command not found` on stderr, exit 127 |
 //!
-//! Files live in a map per runner; paths starting with `/proc/` cannot be written.
+//! Files live in a map per runner, with the time each was written; directories exist as the
+//! parents of files (listed with type `d`); paths starting with `/proc/` cannot be written.
+//!
+//! Its durable state (environments, runners, records, files) can outlive an instance:
+//! [`FakeExecutor::restarted`] and [`FakeExecutor::crashed`] start a new one over it, after a
+//! clean shutdown or a crash (idle records then become uncertain, as the crash rule asks), and
+//! [`FakeExecutor::stop_runner`] ends a runner on its own. The conformance kit
+//! (`runner_core::testkit`, feature `testkit`) runs against it in `tests/conformance.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -50,6 +57,8 @@ pub struct FakeRunner {
     pub recorded: RecordedState,
     /// Its files, by absolute path.
     pub files: BTreeMap<String, Bytes>,
+    /// When each of its files was last written (unix seconds), by absolute path.
+    pub modified: BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Default)]
@@ -105,8 +114,13 @@ impl Default for FakeExecutor {
 impl FakeExecutor {
     /// An empty backend.
     pub fn new() -> Self {
+        Self::over(Arc::default())
+    }
+
+    /// A backend over `state`, with every knob at its default and no event stream yet.
+    fn over(state: Arc<Mutex<State>>) -> Self {
         Self {
-            state: Arc::default(),
+            state,
             failing_creates: Arc::default(),
             failing_environment_deletes: Arc::default(),
             failing_executes: Arc::default(),
@@ -122,6 +136,37 @@ impl FakeExecutor {
             stalled: Arc::default(),
             unhealthy: Arc::default(),
             events_tx: Arc::default(),
+        }
+    }
+
+    /// A new instance over this one's durable state (environments, runners, their records and
+    /// files), as a backend process started again after a clean shutdown would be: records are
+    /// reported as they were written. Knobs (readiness, delays, injected failures) start at their
+    /// defaults, and events go to the new instance's `events()` stream only.
+    pub fn restarted(&self) -> FakeExecutor {
+        Self::over(Arc::clone(&self.state))
+    }
+
+    /// Like [`FakeExecutor::restarted`], but as after a crash of the previous process: the fake
+    /// keeps no clean-shutdown marker, so by the crash rule of [`ExecutorApi`] every runner
+    /// recorded idle is reported [`RecordedState::Uncertain`] (its claim may have been lost).
+    pub fn crashed(&self) -> FakeExecutor {
+        for runner in self.lock().runners.values_mut() {
+            if runner.recorded == RecordedState::Idle {
+                runner.recorded = RecordedState::Uncertain;
+            }
+        }
+        self.restarted()
+    }
+
+    /// Ends a runner on its own, as a sandbox killed from outside would: it is gone from the
+    /// backend and [`BackendEvent::RunnerStopped`] with `reason` is emitted.
+    pub fn stop_runner(&self, id: &RunnerId, reason: DestroyReason) {
+        if self.lock().runners.remove(id).is_some() {
+            self.emit(BackendEvent::RunnerStopped {
+                runner: id.clone(),
+                reason,
+            });
         }
     }
 
@@ -373,6 +418,7 @@ impl ExecutorApi for FakeExecutor {
                 info: info.clone(),
                 recorded: RecordedState::Idle,
                 files: BTreeMap::new(),
+                modified: BTreeMap::new(),
             },
         );
         let readiness = *self
@@ -505,9 +551,13 @@ impl ExecutorApi for FakeExecutor {
             .ok_or_else(|| BackendError::RunnerNotFound(runner.clone()))?;
         for path in &update.delete {
             let prefix = absolute(path);
-            r.files
-                .retain(|p, _| p != &prefix && !p.starts_with(&format!("{prefix}/")));
+            let doomed = |p: &String| p == &prefix || p.starts_with(&format!("{prefix}/"));
+            r.files.retain(|p, _| !doomed(p));
+            r.modified.retain(|p, _| !doomed(p));
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let mut failures = Vec::new();
         for copy in &update.copy {
             let path = absolute(&copy.path);
@@ -518,6 +568,7 @@ impl ExecutorApi for FakeExecutor {
                 });
                 continue;
             }
+            r.modified.insert(path.clone(), now);
             r.files.insert(path, copy.content.clone());
         }
         if failures.is_empty() {
@@ -544,22 +595,41 @@ impl ExecutorApi for FakeExecutor {
             format!("{dir}/")
         };
         let shown = request.path.trim_end_matches('/');
-        Ok(r.files
-            .iter()
-            .filter_map(|(path, content)| {
-                let rest = path.strip_prefix(&prefix)?;
-                (request.recursive || !rest.contains('/')).then(|| FileHeader {
-                    name: format!("{shown}/{rest}"),
-                    entry_type: '-',
-                    link_target: None,
-                    size: content.len() as u64,
-                    modification_time: 0,
-                    permissions: "rwxr--r--".into(),
-                    owner: "root".into(),
-                    group: "root".into(),
-                })
-            })
-            .collect())
+        let header =
+            |rest: &str, entry_type: char, size: usize, modified: i64, mode: &str| FileHeader {
+                name: format!("{shown}/{rest}"),
+                entry_type,
+                link_target: None,
+                size: size as u64,
+                modification_time: modified,
+                permissions: mode.into(),
+                owner: "root".into(),
+                group: "root".into(),
+            };
+        // Directories exist implicitly, as the parents of files.
+        let mut entries: BTreeMap<String, FileHeader> = BTreeMap::new();
+        for (path, content) in &r.files {
+            let Some(rest) = path.strip_prefix(&prefix) else {
+                continue;
+            };
+            let modified = r.modified.get(path).copied().unwrap_or(0);
+            let parts: Vec<&str> = rest.split('/').collect();
+            let shown_dirs = if request.recursive { parts.len() } else { 2 };
+            for depth in 1..parts.len().min(shown_dirs) {
+                let dir = parts[..depth].join("/");
+                let entry = entries
+                    .entry(dir.clone())
+                    .or_insert_with(|| header(&dir, 'd', 0, modified, "rwxrwxrwt"));
+                entry.modification_time = entry.modification_time.max(modified);
+            }
+            if request.recursive || parts.len() == 1 {
+                entries.insert(
+                    rest.to_owned(),
+                    header(rest, '-', content.len(), modified, "rwxr--r--"),
+                );
+            }
+        }
+        Ok(entries.into_values().collect())
     }
 
     async fn read_file(

@@ -19,6 +19,8 @@ pub mod files;
 pub mod ids;
 mod manager;
 pub mod pool;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod timer;
 pub mod traits;
 
