@@ -38,6 +38,10 @@ pub struct LocalConfig {
     /// progress before it fails. Code in a runner can stop the helper that serves a request;
     /// this bounds how long the request then hangs.
     pub stall_timeout: std::time::Duration,
+    /// Whether to run runners without memory, process and CPU limits when no usable cgroups
+    /// exist. Off by default: without cgroups the backend refuses to start, so limits are never
+    /// silently missing.
+    pub allow_unlimited: bool,
 }
 
 /// A cgroup driver chosen explicitly instead of by detection.
@@ -66,6 +70,7 @@ impl Default for LocalConfig {
             cgroup: None,
             network: Some(local_network::NetworkConfig::default()),
             stall_timeout: std::time::Duration::from_secs(60),
+            allow_unlimited: false,
         }
     }
 }

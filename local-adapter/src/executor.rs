@@ -432,7 +432,10 @@ impl LocalExecutor {
                     handle.network = Some(now);
                     let store = self.inner.store.clone();
                     let id = runner.id.clone();
-                    let _ = blocking(move || update_network(&store, &id, &handle)).await;
+                    let saved = blocking(move || update_network(&store, &id, &handle)).await;
+                    if let Err(e) | Ok(Err(e)) = saved {
+                        warn!(runner_id = %runner.id, error = %e, "cannot record the runner's new network; a restart may give it other host ports");
+                    }
                 }
                 Err(e) => {
                     warn!(runner_id = %runner.id, error = %e, "cannot reconnect the runner's network");
@@ -507,8 +510,19 @@ impl LocalExecutor {
         };
         let clean_start = store.previous_shutdown_was_clean();
         if driver.name() == "none" {
+            if !config.allow_unlimited {
+                return Err(LocalError::MissingFeature {
+                    feature: "cgroups",
+                    fix:
+                        "mount cgroup v1 (memory, pids, cpu, freezer) or cgroup v2 with the memory \
+                          and pids controllers, or set `local.allowunlimited: true` to run runners \
+                          without memory, process and CPU limits"
+                            .into(),
+                });
+            }
             warn!(
-                "no usable cgroups: runners have NO memory, process or CPU limits (rlimits only)"
+                "no usable cgroups and local.allowunlimited is set: runners have NO memory, process \
+                 or CPU limits (rlimits only)"
             );
         }
         info!(
@@ -728,20 +742,32 @@ impl Inner {
     /// Watches the init's exit; a runner that dies on its own is reported and cleaned up.
     fn watch(self: &Arc<Self>, runner: Arc<Runner>) {
         let weak: Weak<Inner> = Arc::downgrade(self);
-        let Ok(pidfd) = rustix::process::pidfd_open(
-            rustix::process::Pid::from_raw(runner.handle.pid).unwrap_or(rustix::process::Pid::INIT),
-            rustix::process::PidfdFlags::NONBLOCK,
-        ) else {
-            return;
-        };
-        if !is_alive(&runner.handle) {
-            return;
-        }
-        let Ok(fd) = async_fd(pidfd) else {
-            return;
+        // A runner whose init cannot be watched (or is already gone) is handled as dead at once:
+        // an unwatched runner's death would never be reported and it could still be handed out.
+        let watched = rustix::process::Pid::from_raw(runner.handle.pid)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+            .and_then(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)
+                    .map_err(io::Error::from)
+            })
+            .and_then(|pidfd| {
+                if is_alive(&runner.handle) {
+                    async_fd(pidfd)
+                } else {
+                    Err(io::Error::other("the init has already exited"))
+                }
+            });
+        let fd = match watched {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                warn!(runner_id = %runner.id, environment_id = %runner.environment, %error, "cannot watch the runner's init; treating the runner as stopped");
+                None
+            }
         };
         tokio::spawn(async move {
-            let _ = fd.readable().await;
+            if let Some(fd) = fd {
+                let _ = fd.readable().await;
+            }
             let Some(inner) = weak.upgrade() else {
                 return;
             };
@@ -1124,7 +1150,10 @@ impl ExecutorApi for LocalExecutor {
             Ok(p) => p,
             Err(e) => {
                 let (inner, id2) = (inner.clone(), id.clone());
-                let _ = blocking(move || inner.driver.destroy(id2.as_str())).await;
+                let cleaned = blocking(move || inner.driver.destroy(id2.as_str())).await;
+                if let Ok(Err(cleanup)) = cleaned {
+                    warn!(runner_id = %id, error = %cleanup, "removing the cgroups of a failed creation failed");
+                }
                 return Err(internal(e));
             }
         };
@@ -1161,7 +1190,10 @@ impl ExecutorApi for LocalExecutor {
                 Ok(network) => handle.network = Some(network),
                 Err(e) => {
                     let (inner2, id2) = (inner.clone(), id.clone());
-                    let _ = blocking(move || inner2.teardown(&id2, Some(&handle))).await;
+                    let torn = blocking(move || inner2.teardown(&id2, Some(&handle))).await;
+                    if let Err(cleanup) | Ok(Err(cleanup)) = torn {
+                        warn!(runner_id = %id, error = %cleanup, "tearing down a runner whose network failed failed");
+                    }
                     return Err(e);
                 }
             }
@@ -1182,7 +1214,10 @@ impl ExecutorApi for LocalExecutor {
         let store = inner.store.clone();
         if let Err(e) = blocking(move || store.put_runner(&record)).await? {
             let (inner2, r) = (inner.clone(), runner.clone());
-            let _ = blocking(move || inner2.teardown(&r.id, Some(&r.handle))).await;
+            let torn = blocking(move || inner2.teardown(&r.id, Some(&r.handle))).await;
+            if let Err(cleanup) | Ok(Err(cleanup)) = torn {
+                warn!(runner_id = %id, error = %cleanup, "tearing down a runner whose record could not be stored failed");
+            }
             self.disconnect_network(&id).await;
             return Err(internal(e));
         }
@@ -1401,15 +1436,44 @@ impl ExecutorApi for LocalExecutor {
                     responses.push(refused);
                     break;
                 }
+                // The helper writing the files ends early when the runner runs out of memory
+                // (or is killed otherwise): say so instead of "failed to fill whole buffer".
+                let helper_ended = |e: io::Error| -> ControlError {
+                    BackendError::Internal(format!(
+                        "the runner's file helper ended before the files were written ({e})"
+                    ))
+                    .into()
+                };
                 for c in &batch.copy {
-                    io::Write::write_all(&mut conn, &c.content)?;
+                    io::Write::write_all(&mut conn, &c.content).map_err(helper_ended)?;
                 }
-                responses.push(read_msg(&mut conn, MAX_RESPONSE)?);
+                responses.push(read_msg(&mut conn, MAX_RESPONSE).map_err(helper_ended)?);
             }
             Ok(responses)
         })
         .await?;
-        let responses = self.control(&r, responses)?;
+        let responses = match self.control(&r, responses) {
+            Err(BackendError::Internal(message))
+                if message.starts_with("the runner's file helper ended") =>
+            {
+                let driver_says_oom = {
+                    let inner = self.inner.clone();
+                    let id = r.id.clone();
+                    blocking(move || inner.driver.oom_killed(id.as_str()))
+                        .await
+                        .unwrap_or(false)
+                };
+                return Err(BackendError::Internal(if driver_says_oom {
+                    "the runner ran out of memory while the files were written; the files that \
+                     did not fit are missing"
+                        .to_string()
+                } else {
+                    message
+                })
+                .into());
+            }
+            other => other?,
+        };
         let mut failures = Vec::new();
         for response in responses {
             match response {

@@ -478,6 +478,12 @@ async fn without_cgroups_runners_still_work_and_cancel_kills_the_tree() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.cgroup = Some(local_adapter::CgroupChoice::None);
+    // Without cgroups the backend refuses to start unless the operator opts in.
+    let refused = local_adapter::LocalExecutor::start(cfg.clone())
+        .await
+        .expect_err("no limits without an explicit opt-in");
+    assert!(refused.to_string().contains("allowunlimited"), "{refused}");
+    cfg.allow_unlimited = true;
     let ex = local_adapter::LocalExecutor::start(cfg).await.unwrap();
     let r = ex.create_runner(&spec(64)).await.unwrap().into_info().id;
     assert_eq!(run(&ex, &r, "echo hi").await.out(), "hi\r\n");

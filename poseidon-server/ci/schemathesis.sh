@@ -58,8 +58,11 @@ curl -fsS -X PUT -H "Poseidon-Token: $token" -H 'Content-Type: application/json'
     -d '{"image":"fuzz","prewarmingPoolSize":2,"cpuLimit":10,"memoryLimit":64,"networkAccess":false,"exposedPorts":[]}' \
     "$base/execution-environments/1" >/dev/null
 
+# The document itself needs the token, so it is fetched first.
+schema="$workdir/openapi.json"
+curl -fsS -H "Poseidon-Token: $token" "$base/openapi.json" -o "$schema"
 SCHEMATHESIS_HOOKS=schemathesis_hooks PYTHONPATH="poseidon-server/ci${PYTHONPATH:+:$PYTHONPATH}" \
-    timeout 600 schemathesis run "$base/openapi.json" \
+    timeout 600 schemathesis run "$schema" --url "$base" \
     --checks no_undocumented_server_error \
     --header "Poseidon-Token: $token" \
     --max-examples 20 --max-time 90 --request-timeout 20 --no-color

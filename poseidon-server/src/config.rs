@@ -142,6 +142,9 @@ pub struct LocalConfig {
     pub maxfilesize: u64,
     /// Runner networking (`networkAccess`, `exposedPorts`).
     pub network: NetworkSection,
+    /// Run runners without memory, process and CPU limits when the machine has no usable
+    /// cgroups (otherwise the server refuses to start there).
+    pub allowunlimited: bool,
 }
 
 /// `local.network`: runner networking. The keys besides `enabled` are those of
@@ -179,6 +182,7 @@ impl Default for LocalConfig {
             maxopenfiles: local.max_open_files,
             maxfilesize: local.max_file_size_mb,
             network: NetworkSection::default(),
+            allowunlimited: false,
         }
     }
 }
@@ -196,6 +200,7 @@ impl LocalConfig {
             max_open_files: self.maxopenfiles,
             max_file_size_mb: self.maxfilesize,
             network: self.network.enabled.then(|| self.network.settings.clone()),
+            allow_unlimited: self.allowunlimited,
             ..local_adapter::LocalConfig::default()
         }
     }
@@ -223,6 +228,10 @@ pub struct LimitsConfig {
     pub maxfileentries: u64,
     /// Most bytes of execution requests stored per runner and not yet connected.
     pub maxpendingbytes: u64,
+    /// Milliseconds a claim on an empty pool waits for a runner on its way (0 = fail at once).
+    pub claimwait: u64,
+    /// Seconds a runner the backend accepted may take to become ready before it is replaced.
+    pub startuptimeout: u64,
 }
 
 impl Default for LimitsConfig {
@@ -239,6 +248,8 @@ impl Default for LimitsConfig {
             outputlimit: 0,
             maxfileentries: crate::file_update::DEFAULT_MAX_FILE_ENTRIES as u64,
             maxpendingbytes: manager.max_pending_bytes as u64,
+            claimwait: u64::try_from(manager.claim_wait.as_millis()).unwrap_or(u64::MAX),
+            startuptimeout: manager.startup_timeout.as_secs(),
         }
     }
 }
@@ -491,6 +502,15 @@ impl Config {
                 "must be a positive number of bytes",
             ));
         }
+        if self.limits.startuptimeout == 0 {
+            return Err(invalid("limits.startuptimeout", "must be positive"));
+        }
+        if self.limits.claimwait > 60_000 {
+            return Err(invalid(
+                "limits.claimwait",
+                "must be at most 60000 ms (clients wait for the answer)",
+            ));
+        }
         if self.limits.executionidexpiry == 0 {
             return Err(invalid("limits.executionidexpiry", "must be positive"));
         }
@@ -550,6 +570,8 @@ impl Config {
             output_limit: (self.limits.outputlimit > 0).then_some(self.limits.outputlimit),
             alert_threshold: self.server.alert.prewarmingpoolthreshold,
             alert_reload_delay: (reload > 0).then(|| Duration::from_secs(reload)),
+            claim_wait: Duration::from_millis(self.limits.claimwait),
+            startup_timeout: Duration::from_secs(self.limits.startuptimeout),
             ..ManagerConfig::default()
         }
     }
@@ -672,6 +694,28 @@ mod tests {
         assert!(msg(&[("POSEIDON_SERVER_MAXCONNECTIONS", "0")]).contains("server.maxconnections"));
         assert!(msg(&[("POSEIDON_INFLUXDB_URL", "influxdb:8086")]).contains("influxdb.url"));
         assert!(msg(&[("POSEIDON_INFLUXDB_URL", "ftp://influxdb")]).contains("influxdb.url"));
+        assert!(msg(&[("POSEIDON_LIMITS_STARTUPTIMEOUT", "0")]).contains("limits.startuptimeout"));
+        assert!(msg(&[("POSEIDON_LIMITS_CLAIMWAIT", "600000")]).contains("limits.claimwait"));
+    }
+
+    #[test]
+    fn claim_wait_and_startup_timeout_reach_the_manager() {
+        let none = Path::new("/nonexistent.yaml");
+        let c = Config::load(
+            none,
+            vars(&[
+                ("POSEIDON_LIMITS_CLAIMWAIT", "250"),
+                ("POSEIDON_LIMITS_STARTUPTIMEOUT", "30"),
+            ]),
+        )
+        .expect("valid");
+        let m = c.manager_config();
+        assert_eq!(m.claim_wait, Duration::from_millis(250));
+        assert_eq!(m.startup_timeout, Duration::from_secs(30));
+        let defaults = Config::load(none, vars(&[]))
+            .expect("valid")
+            .manager_config();
+        assert_eq!(defaults.claim_wait, Duration::from_secs(2));
     }
 
     #[test]

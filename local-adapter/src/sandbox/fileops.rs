@@ -183,8 +183,15 @@ fn update(conn: &mut UnixStream, delete: &[String], copies: &[CopyHeader]) -> Re
             }
         }
         if let Some(f) = file {
-            let _ = f.set_permissions(fs::Permissions::from_mode(0o744));
-            let _ = nix::unistd::fchown(&f, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
+            // The file is written; a mode or owner it did not get is still reported, so the
+            // client does not take a file it cannot use for a good one.
+            if let Err(e) = f.set_permissions(fs::Permissions::from_mode(0o744)) {
+                failure.get_or_insert(format!("Cannot set its mode: {}", errno_text(&e)));
+            }
+            if let Err(e) = nix::unistd::fchown(&f, Some(Uid::from_raw(0)), Some(Gid::from_raw(0)))
+            {
+                failure.get_or_insert(format!("Cannot set its owner: {e}"));
+            }
         }
         if let Some(reason) = failure {
             failures.push(Failure {

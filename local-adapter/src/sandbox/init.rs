@@ -29,6 +29,10 @@ use crate::cgroup::ExecKill;
 use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, write_msg};
 
 /// How long a request header may take to arrive; the init serves one header at a time.
+/// Attempts (after the first) of a fork refused for the process limit, and the pause between
+/// them: half a second in all, well within the server's control timeout.
+const FORK_RETRIES: u32 = 20;
+const FORK_RETRY_PAUSE: Duration = Duration::from_millis(25);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the sandbox and serves requests; never returns.
@@ -212,8 +216,7 @@ impl Init<'_> {
         if write_msg(&mut conn, &Response::Accepted).is_err() {
             return;
         }
-        // SAFETY: the init is single-threaded, so the child may run arbitrary code.
-        match unsafe { fork() } {
+        match self.fork_reaping() {
             Ok(ForkResult::Child) => {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
                 let _ = conn.set_write_timeout(None);
@@ -336,8 +339,7 @@ impl Init<'_> {
             _ => None,
         };
         let limits = (self.spec.max_open_files, self.spec.max_file_size);
-        // SAFETY: the init is single-threaded, so the child may run arbitrary code before exec.
-        match unsafe { fork() } {
+        match self.fork_reaping() {
             Ok(ForkResult::Child) => {
                 drop(err_r);
                 drop(status_r);
@@ -436,6 +438,24 @@ impl Init<'_> {
             }
         }
         kill_session(pid);
+    }
+
+    /// `fork`, retried briefly while the process table is full: processes just killed (e.g. a
+    /// cancelled fork bomb) count against the limit until this init reaps them, so it reaps and
+    /// tries again before reporting the limit.
+    fn fork_reaping(&mut self) -> nix::Result<ForkResult> {
+        for _ in 0..FORK_RETRIES {
+            // SAFETY: the init is single-threaded, so the child may run arbitrary code.
+            match unsafe { fork() } {
+                Err(Errno::EAGAIN) => {
+                    self.reap();
+                    std::thread::sleep(FORK_RETRY_PAUSE);
+                }
+                other => return other,
+            }
+        }
+        // SAFETY: as above.
+        unsafe { fork() }
     }
 
     fn reap(&mut self) {
