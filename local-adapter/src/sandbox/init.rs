@@ -30,9 +30,11 @@ use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, w
 
 /// How long a request header may take to arrive; the init serves one header at a time.
 /// Attempts (after the first) of a fork refused for the process limit, and the pause between
-/// them: half a second in all, well within the server's control timeout.
-const FORK_RETRIES: u32 = 20;
+/// them: a second in all, well within the server's control timeout.
+const FORK_RETRIES: u32 = 40;
 const FORK_RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// How long after killing a tree a full process table is blamed on the killed processes.
+const KILL_AFTERMATH: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the sandbox and serves requests; never returns.
@@ -107,6 +109,9 @@ struct Init<'a> {
     execs: HashMap<i32, Running>,
     lingering: Vec<String>,
     counter: u64,
+    /// When this init last killed an execution's tree: its processes hold places in the process
+    /// table until they are gone and reaped.
+    last_kill: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 fn serve(
@@ -129,6 +134,7 @@ fn serve(
         execs: HashMap::new(),
         lingering: Vec::new(),
         counter: 0,
+        last_kill: std::cell::Cell::new(None),
     };
     loop {
         let exec_pids: Vec<i32> = init
@@ -403,6 +409,7 @@ impl Init<'_> {
 
     /// Kills every process of an execution: its cgroup when there is one, and its process group.
     fn kill_tree(&self, pid: i32, cgroup: Option<&str>) {
+        self.last_kill.set(Some(std::time::Instant::now()));
         if let (Some(dir), Some(name)) = (&self.cgroup, cgroup) {
             match self.spec.exec_kill {
                 ExecKill::Freezer => {
@@ -440,11 +447,16 @@ impl Init<'_> {
         kill_session(pid);
     }
 
-    /// `fork`, retried briefly while the process table is full: processes just killed (e.g. a
-    /// cancelled fork bomb) count against the limit until this init reaps them, so it reaps and
-    /// tries again before reporting the limit.
+    /// `fork`, retried while the process table is full only because of processes this init
+    /// has just killed (e.g. a cancelled fork bomb): they hold places until they are gone and
+    /// reaped. A table full of live processes is reported at once (after one reap).
     fn fork_reaping(&mut self) -> nix::Result<ForkResult> {
-        for _ in 0..FORK_RETRIES {
+        let killed_recently = self
+            .last_kill
+            .get()
+            .is_some_and(|t| t.elapsed() < KILL_AFTERMATH);
+        let retries = if killed_recently { FORK_RETRIES } else { 1 };
+        for _ in 0..retries {
             // SAFETY: the init is single-threaded, so the child may run arbitrary code.
             match unsafe { fork() } {
                 Err(Errno::EAGAIN) => {
