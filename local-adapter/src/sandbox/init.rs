@@ -29,12 +29,12 @@ use crate::cgroup::ExecKill;
 use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, write_msg};
 
 /// How long a request header may take to arrive; the init serves one header at a time.
-/// Attempts (after the first) of a fork refused for the process limit, and the pause between
-/// them: a second in all, well within the server's control timeout.
-const FORK_RETRIES: u32 = 40;
+/// The pause between attempts of a fork refused for the process limit.
 const FORK_RETRY_PAUSE: Duration = Duration::from_millis(25);
 /// How long after killing a tree a full process table is blamed on the killed processes.
-const KILL_AFTERMATH: Duration = Duration::from_secs(3);
+const KILL_AFTERMATH: Duration = Duration::from_secs(6);
+/// Longest one fork is retried, well within the server's control timeout (5 s).
+const FORK_RETRY_LIMIT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the sandbox and serves requests; never returns.
@@ -451,12 +451,18 @@ impl Init<'_> {
     /// has just killed (e.g. a cancelled fork bomb): they hold places until they are gone and
     /// reaped. A table full of live processes is reported at once (after one reap).
     fn fork_reaping(&mut self) -> nix::Result<ForkResult> {
-        let killed_recently = self
+        let now = std::time::Instant::now();
+        // Until the aftermath of the latest kill is over, but never blocking this init longer
+        // than FORK_RETRY_LIMIT (the server gives up on an init after CONTROL_TIMEOUT).
+        let deadline = self
             .last_kill
             .get()
-            .is_some_and(|t| t.elapsed() < KILL_AFTERMATH);
-        let retries = if killed_recently { FORK_RETRIES } else { 1 };
-        for _ in 0..retries {
+            .map(|t| t + KILL_AFTERMATH)
+            .filter(|end| *end > now)
+            .map_or(now, |end| end.min(now + FORK_RETRY_LIMIT));
+        let mut first = true;
+        while first || std::time::Instant::now() < deadline {
+            first = false;
             // SAFETY: the init is single-threaded, so the child may run arbitrary code.
             match unsafe { fork() } {
                 Err(Errno::EAGAIN) => {
