@@ -34,7 +34,7 @@ const FORK_RETRY_PAUSE: Duration = Duration::from_millis(25);
 /// How long after killing a tree a full process table is blamed on the killed processes.
 const KILL_AFTERMATH: Duration = Duration::from_secs(6);
 /// Longest one fork is retried, well within the server's control timeout (5 s).
-const FORK_RETRY_LIMIT: Duration = Duration::from_secs(3);
+const FORK_RETRY_LIMIT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the sandbox and serves requests; never returns.
@@ -345,6 +345,7 @@ impl Init<'_> {
             _ => None,
         };
         let limits = (self.spec.max_open_files, self.spec.max_file_size);
+        let fork_deadline = self.fork_deadline();
         match self.fork_reaping() {
             Ok(ForkResult::Child) => {
                 drop(err_r);
@@ -369,6 +370,7 @@ impl Init<'_> {
                     status: status_w,
                     procs,
                     limits,
+                    fork_deadline,
                 })
             }
             Ok(ForkResult::Parent { child }) => {
@@ -450,16 +452,20 @@ impl Init<'_> {
     /// `fork`, retried while the process table is full only because of processes this init
     /// has just killed (e.g. a cancelled fork bomb): they hold places until they are gone and
     /// reaped. A table full of live processes is reported at once (after one reap).
-    fn fork_reaping(&mut self) -> nix::Result<ForkResult> {
+    /// Until when a fork refused for the process limit is retried: until the aftermath of the
+    /// latest kill is over, but never longer than FORK_RETRY_LIMIT from now (the server gives up
+    /// on an init after its control timeout). Now, when nothing was killed lately.
+    fn fork_deadline(&self) -> std::time::Instant {
         let now = std::time::Instant::now();
-        // Until the aftermath of the latest kill is over, but never blocking this init longer
-        // than FORK_RETRY_LIMIT (the server gives up on an init after CONTROL_TIMEOUT).
-        let deadline = self
-            .last_kill
+        self.last_kill
             .get()
             .map(|t| t + KILL_AFTERMATH)
             .filter(|end| *end > now)
-            .map_or(now, |end| end.min(now + FORK_RETRY_LIMIT));
+            .map_or(now, |end| end.min(now + FORK_RETRY_LIMIT))
+    }
+
+    fn fork_reaping(&mut self) -> nix::Result<ForkResult> {
+        let deadline = self.fork_deadline();
         let mut first = true;
         while first || std::time::Instant::now() < deadline {
             first = false;
@@ -603,6 +609,8 @@ struct ExecChild<'a> {
     status: Option<OwnedFd>,
     procs: Option<OwnedFd>,
     limits: (u64, u64),
+    /// Until when a fork refused for the process limit is retried (the aftermath of a kill).
+    fork_deadline: std::time::Instant,
 }
 
 /// The forked child of an execution: joins the execution's cgroup, takes the terminal, drops
@@ -653,8 +661,18 @@ fn exec_child(c: ExecChild<'_>) -> ! {
     // SAFETY: ignoring SIGTTOU has no handler to race with.
     let _ =
         unsafe { nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn) };
-    // SAFETY: this child is single-threaded (forked from the single-threaded init).
-    let main = match unsafe { fork() } {
+    // The leader cannot reap (the init does), but in the aftermath of a kill it may wait for
+    // places in the process table to come free.
+    let forked = loop {
+        // SAFETY: this child is single-threaded (forked from the single-threaded init).
+        match unsafe { fork() } {
+            Err(Errno::EAGAIN) if std::time::Instant::now() < c.fork_deadline => {
+                std::thread::sleep(FORK_RETRY_PAUSE);
+            }
+            other => break other,
+        }
+    };
+    let main = match forked {
         Ok(ForkResult::Child) => {
             let me = nix::unistd::getpid();
             let _ = nix::unistd::setpgid(me, me);
