@@ -263,20 +263,31 @@ impl RunnerManager {
 
     /// Marks a runner as being destroyed on the backend until the returned guard is dropped, and
     /// as destroyed for a reload that runs meanwhile.
+    ///
+    /// The runner joins the set of runners being destroyed *before* it is tombstoned: a reload
+    /// installs its tombstones first and reads that set second (see
+    /// `RunnerManager::install_tombstones`), so whichever way the two interleave, the reload
+    /// knows the runner.
     fn destroying(&self, runner: &RunnerId) -> DestroyingGuard {
-        self.note_destroyed(runner);
-        self.recently_destroyed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(runner.clone());
         self.destroying
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(runner.clone());
+        self.forget(runner);
         DestroyingGuard {
             set: Arc::clone(&self.destroying),
             runner: runner.clone(),
         }
+    }
+
+    /// Remembers that a runner is gone (destroyed, or stopped on its own), so that no reload
+    /// record, creation answer or event brings it back into a pool.
+    fn forget(&self, runner: &RunnerId) {
+        self.recently_destroyed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(runner.clone());
+        self.note_destroyed(runner);
     }
 
     /// Remembers a destroyed runner while a reload runs (see `tombstones`).
