@@ -185,9 +185,9 @@ impl RunnerManager {
                     if env.contains_idle(&info.id) {
                         continue;
                     }
-                    match env.offer_idle(info.clone(), |id| {
-                        self.is_used(id) || self.is_tombstoned(id)
-                    }) {
+                    // `is_taken`, not only the tombstones: a runner destroyed or stopped just
+                    // before this reload began may still be in its records.
+                    match env.offer_idle(info.clone(), |id| self.is_taken(id)) {
                         Offer::Pooled => report.idle += 1,
                         Offer::Known => {}
                         Offer::Unwanted => {
