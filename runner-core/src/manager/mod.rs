@@ -488,12 +488,18 @@ impl RunnerManager {
 
     /// A runner stopped on its own. It is idle, pending or used in exactly one place (a claim
     /// moves it from idle to used with the pool locked), so the check happens under that lock.
+    ///
+    /// The runner is gone on the backend, so it is forgotten first, whatever its reason (a local
+    /// one destroys nothing on the backend): a reload may have pooled it from a record read
+    /// while its creation was still under way, and the creation's answer, arriving after this
+    /// event removed it from the pool, must not pool it again.
     async fn runner_stopped(&self, runner: RunnerId, reason: DestroyReason) {
         enum Found {
             Idle(Arc<ManagedEnvironment>),
             Pending(Arc<ManagedEnvironment>),
             Used,
         }
+        self.forget(&runner);
         let mut found = None;
         for env in self.candidate_environments(&runner) {
             found = match env.locate_stopped(&runner, |id| self.is_used(id)) {
