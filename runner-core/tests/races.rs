@@ -1,10 +1,9 @@
-//! Property test: claims, returns, environment deletion, runners stopping on their own and
-//! resizes run *concurrently* on a multi-threaded runtime, over a backend that reports runners
-//! ready at once or later. (Resynchronisations are left out here: a reload applies a snapshot of
-//! the backend's records while claims go on, and rare interleavings of the two are still known
-//! to leave a count off; see the issue notes.) Whatever the interleaving, every runner ends up in
-//! exactly one of pending / idle / used / destroyed, none is handed to two clients, and a deleted
-//! environment leaves nothing behind.
+//! Property test: claims, returns, environment deletion, runners stopping on their own, resizes
+//! and backend resynchronisations (a reload that applies a snapshot of the backend's records
+//! while claims, returns and creations go on) run *concurrently* on a multi-threaded runtime,
+//! over a backend that reports runners ready at once or later. Whatever the interleaving, every
+//! runner ends up in exactly one of pending / idle / used / destroyed, none is handed to two
+//! clients, and a deleted environment leaves nothing behind.
 
 mod common;
 
@@ -31,6 +30,8 @@ enum Op {
     Resize(u32),
     /// The environment is deleted.
     Delete,
+    /// The backend asks for a resynchronisation: the manager reloads every environment's runners.
+    Resync,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -40,6 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Stop),
         1 => (0u32..5).prop_map(Op::Resize),
         1 => Just(Op::Delete),
+        1 => Just(Op::Resync),
     ]
 }
 
@@ -113,6 +115,7 @@ async fn run_op(manager: Arc<RunnerManager>, fake: FakeExecutor, op: Op, delay_u
         Op::Delete => {
             outcome.deleted = manager.delete_environment(env_id(1)).await.is_ok();
         }
+        Op::Resync => fake.emit(BackendEvent::Resynchronize),
     }
     outcome
 }

@@ -263,20 +263,31 @@ impl RunnerManager {
 
     /// Marks a runner as being destroyed on the backend until the returned guard is dropped, and
     /// as destroyed for a reload that runs meanwhile.
+    ///
+    /// The runner joins the set of runners being destroyed *before* it is tombstoned: a reload
+    /// installs its tombstones first and reads that set second (see
+    /// `RunnerManager::install_tombstones`), so whichever way the two interleave, the reload
+    /// knows the runner.
     fn destroying(&self, runner: &RunnerId) -> DestroyingGuard {
-        self.note_destroyed(runner);
-        self.recently_destroyed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(runner.clone());
         self.destroying
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(runner.clone());
+        self.forget(runner);
         DestroyingGuard {
             set: Arc::clone(&self.destroying),
             runner: runner.clone(),
         }
+    }
+
+    /// Remembers that a runner is gone (destroyed, or stopped on its own), so that no reload
+    /// record, creation answer or event brings it back into a pool.
+    fn forget(&self, runner: &RunnerId) {
+        self.recently_destroyed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(runner.clone());
+        self.note_destroyed(runner);
     }
 
     /// Remembers a destroyed runner while a reload runs (see `tombstones`).
@@ -477,12 +488,18 @@ impl RunnerManager {
 
     /// A runner stopped on its own. It is idle, pending or used in exactly one place (a claim
     /// moves it from idle to used with the pool locked), so the check happens under that lock.
+    ///
+    /// The runner is gone on the backend, so it is forgotten first, whatever its reason (a local
+    /// one destroys nothing on the backend): a reload may have pooled it from a record read
+    /// while its creation was still under way, and the creation's answer, arriving after this
+    /// event removed it from the pool, must not pool it again.
     async fn runner_stopped(&self, runner: RunnerId, reason: DestroyReason) {
         enum Found {
             Idle(Arc<ManagedEnvironment>),
             Pending(Arc<ManagedEnvironment>),
             Used,
         }
+        self.forget(&runner);
         let mut found = None;
         for env in self.candidate_environments(&runner) {
             found = match env.locate_stopped(&runner, |id| self.is_used(id)) {

@@ -100,13 +100,7 @@ impl RunnerManager {
             .map(|r| r.id().clone())
             .collect();
         let idle_before: HashSet<RunnerId> = env.idle_ids().into_iter().collect();
-        // Runners whose destruction is under way may still be in the records read below.
-        let in_flight = self
-            .destroying
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        self.set_tombstones(Some(in_flight));
+        self.install_tombstones();
         let records = self.backend.load_runners(env.id()).await;
         let records = match records {
             Ok(records) => records,
@@ -191,9 +185,9 @@ impl RunnerManager {
                     if env.contains_idle(&info.id) {
                         continue;
                     }
-                    match env.offer_idle(info.clone(), |id| {
-                        self.is_used(id) || self.is_tombstoned(id)
-                    }) {
+                    // `is_taken`, not only the tombstones: a runner destroyed or stopped just
+                    // before this reload began may still be in its records.
+                    match env.offer_idle(info.clone(), |id| self.is_taken(id)) {
                         Offer::Pooled => report.idle += 1,
                         Offer::Known => {}
                         Offer::Unwanted => {
@@ -226,6 +220,33 @@ impl RunnerManager {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .is_some_and(|set| set.contains(id))
+    }
+
+    /// Starts recording tombstones for a reload about to read the backend's records, seeded
+    /// with the runners whose destruction is under way (they may still be in those records).
+    ///
+    /// The set is installed *before* the runners being destroyed are read: `destroying` adds a
+    /// runner to that set before tombstoning it, so a destruction that starts concurrently is
+    /// either tombstoned by itself or read here. Reading first and installing second missed a
+    /// destruction that started in between; the reload then pooled the returned runner again
+    /// from its records and handed it to a second client.
+    fn install_tombstones(&self) {
+        self.set_tombstones(Some(HashSet::new()));
+        let in_flight: Vec<RunnerId> = self
+            .destroying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        if let Some(set) = self
+            .tombstones
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            set.extend(in_flight);
+        }
     }
 
     /// Replaces the tombstone set, returning the previous one.
