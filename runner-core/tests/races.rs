@@ -120,6 +120,15 @@ async fn run_op(manager: Arc<RunnerManager>, fake: FakeExecutor, op: Op, delay_u
     outcome
 }
 
+/// A runtime with four workers, so operations really interleave.
+fn multi_threaded() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Polls `cond` in real time for up to five seconds.
 async fn settles(mut cond: impl FnMut() -> bool) -> bool {
     for _ in 0..500 {
@@ -263,11 +272,7 @@ proptest! {
 
     #[test]
     fn concurrent_operations_keep_every_runner_in_exactly_one_state(case in case()) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = multi_threaded();
         runtime.block_on(scenario(case))?;
     }
 }
@@ -277,11 +282,7 @@ proptest! {
 /// environment. Many rounds on a multi-threaded runtime, each asserting nothing is left.
 #[test]
 fn a_claim_racing_the_environment_deletion_leaves_nothing_behind() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = multi_threaded();
     runtime.block_on(async {
         for round in 0..100 {
             let fake = FakeExecutor::new();
@@ -324,11 +325,7 @@ fn a_claim_racing_the_environment_deletion_leaves_nothing_behind() {
 /// still counted as used.
 #[test]
 fn a_stop_event_racing_a_claim_is_never_lost() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = multi_threaded();
     runtime.block_on(async {
         for round in 0..100 {
             let fake = FakeExecutor::new();
