@@ -1,0 +1,2 @@
+//! `ExecutorApi` on HashiCorp Nomad (work in progress): runners as Nomad jobs, as Poseidon runs
+//! them.
