@@ -1,2 +1,10 @@
-//! `ExecutorApi` on HashiCorp Nomad (work in progress): runners as Nomad jobs, as Poseidon runs
-//! them.
+//! `ExecutorApi` on HashiCorp Nomad: runners as Nomad jobs, as Poseidon runs them.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod tls;
+
+pub use config::{NetworkConfig, NomadConfig, TlsConfig};
+pub use error::{ApiError, NomadError};
