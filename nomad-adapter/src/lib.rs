@@ -4,7 +4,9 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod jobs;
+pub mod stream;
 pub mod tls;
+pub mod tracker;
 
 pub use config::{NetworkConfig, NomadConfig, TlsConfig};
 pub use error::{ApiError, NomadError};
