@@ -59,7 +59,8 @@ pub fn execution(
     };
     let main = format!(
         "unset ${{!NOMAD_@}}; export POSEIDON_EXEC={id}; \
-         until [ -p {fifo} ]; do sleep 0.01; done; exec 2>{fifo}; exec {prefix}{user}"
+         n=0; until [ -p {fifo} ]; do n=$((n+1)); [ $n -gt 3000 ] && exit 125; sleep 0.01; done; \
+         exec 2>{fifo}; exec {prefix}{user}"
     );
     let stderr = format!(
         "unset ${{!NOMAD_@}}; export POSEIDON_EXEC={id}; \

@@ -133,6 +133,8 @@ pub struct RunnerTrack {
     pub recovered: bool,
     /// The manager asked to destroy it: its end is not reported.
     pub destroying: bool,
+    /// Why it stopped on its own, once it did.
+    pub stopped: Option<DestroyReason>,
 }
 
 /// What an evaluation ended with.
@@ -269,6 +271,7 @@ impl Tracker {
                 job: Some(job),
                 recovered: false,
                 destroying: false,
+                stopped: None,
             },
         );
     }
@@ -301,6 +304,15 @@ impl Tracker {
     /// The known environments.
     pub fn environments(&self) -> Vec<EnvironmentId> {
         self.environments.iter().copied().collect()
+    }
+
+    /// The ports of the newest allocation of `job` seen so far (placed, maybe not running).
+    pub fn newest_ports(&self, job: &str) -> Option<Vec<MappedPort>> {
+        self.allocs
+            .values()
+            .filter(|a| a.job_id == job)
+            .max_by_key(|a| a.create_index)
+            .map(|a| a.ports.clone())
     }
 
     /// The outcome of an evaluation, if the stream reported it.
@@ -480,6 +492,7 @@ impl Tracker {
         if track.destroying {
             return Vec::new();
         }
+        track.stopped = Some(reason.clone());
         vec![
             Action::Emit(BackendEvent::RunnerStopped {
                 runner: id.clone(),
@@ -585,6 +598,7 @@ impl Tracker {
                         job: Some(l.job.clone()),
                         recovered: true,
                         destroying: false,
+                        stopped: None,
                     },
                 );
                 if let Some(a) = &newest
