@@ -190,8 +190,16 @@ impl NomadExecutor {
                 "the event stream did not answer".into(),
             ));
         }
+        let executor = NomadExecutor { inner };
+        // Known environments first, so replayed template events settle against them.
+        executor
+            .load_environments()
+            .await
+            .map_err(|e| NomadError::Unreachable(e.to_string()))?;
+        let deferred = lock(&executor.inner.tracker).environments_loaded();
+        executor.inner.perform(deferred);
         info!(clean_start, "connected to nomad");
-        Ok(NomadExecutor { inner })
+        Ok(executor)
     }
 
     /// Stops following Nomad and records a clean shutdown, so the next start trusts idle marks.
@@ -357,6 +365,10 @@ impl Inner {
                     debug!(?event, "backend event");
                     self.emit(event);
                 }
+                Action::CheckEnvironment(env) => {
+                    let inner = self.clone();
+                    tokio::spawn(async move { inner.check_environment(env).await });
+                }
                 Action::Purge(job) => {
                     let inner = self.clone();
                     tokio::spawn(async move {
@@ -366,6 +378,25 @@ impl Inner {
                     });
                 }
             }
+        }
+    }
+
+    /// Reads `env`'s template and tells the manager if it appeared or vanished.
+    async fn check_environment(self: &Arc<Self>, env: EnvironmentId) {
+        let id = jobs::template_id(env);
+        let template = match self.retry(|| self.api.read_job(&id)).await {
+            Ok(job) => job
+                .filter(|j| j["Stop"] != Value::Bool(true))
+                .and_then(|j| jobs::spec_of_template(&j)),
+            Err(e) => {
+                warn!(environment_id = %env, error = %e, "reading a template failed");
+                return;
+            }
+        };
+        let event = lock(&self.tracker).settle_environment(env, template);
+        if let Some(event) = event {
+            info!(?event, "environment changed on nomad");
+            self.emit(event);
         }
     }
 

@@ -202,6 +202,8 @@ pub enum Action {
     Emit(BackendEvent),
     /// Purge this job from Nomad (a stopped runner, so nothing of it lingers or comes back).
     Purge(String),
+    /// Read this environment's template and settle whether it appeared or vanished.
+    CheckEnvironment(EnvironmentId),
 }
 
 /// A runner job found by a listing.
@@ -234,6 +236,8 @@ pub struct Tracker {
     deleting_environments: HashSet<EnvironmentId>,
     evals: HashMap<String, EvalOutcome>,
     eval_order: VecDeque<String>,
+    environments_loaded: bool,
+    deferred_checks: HashSet<EnvironmentId>,
 }
 
 impl Tracker {
@@ -299,6 +303,35 @@ impl Tracker {
     pub fn environment_deleting(&mut self, id: EnvironmentId) {
         self.environments.remove(&id);
         self.deleting_environments.insert(id);
+    }
+
+    /// The templates were listed once (after the stream started): template events are checked
+    /// from now on, and those that arrived meanwhile now.
+    pub fn environments_loaded(&mut self) -> Vec<Action> {
+        self.environments_loaded = true;
+        self.deferred_checks
+            .drain()
+            .map(Action::CheckEnvironment)
+            .collect()
+    }
+
+    /// Settles an environment after its template was read: `Some(spec)` when the template
+    /// exists (and is not stopped), `None` when it is gone. Returns the event for the manager.
+    pub fn settle_environment(
+        &mut self,
+        id: EnvironmentId,
+        template: Option<EnvironmentSpec>,
+    ) -> Option<BackendEvent> {
+        if self.deleting_environments.contains(&id) {
+            return None;
+        }
+        match template {
+            Some(spec) if self.environments.insert(id) => {
+                Some(BackendEvent::EnvironmentAppeared(spec))
+            }
+            None if self.environments.remove(&id) => Some(BackendEvent::EnvironmentVanished(id)),
+            _ => None,
+        }
     }
 
     /// The known environments.
@@ -511,22 +544,25 @@ impl Tracker {
             .to_string();
         let deregistered = event.kind == "JobDeregistered";
         if let Some(env) = jobs::environment_of_template(&job_id) {
-            if deregistered {
-                if self.deleting_environments.remove(&env) || !self.environments.remove(&env) {
-                    return Vec::new();
-                }
-                return vec![Action::Emit(BackendEvent::EnvironmentVanished(env))];
+            if !self.environments_loaded {
+                // Replayed while the templates are still being listed: checked afterwards.
+                self.deferred_checks.insert(env);
+                return Vec::new();
             }
-            if event.kind == "JobRegistered"
-                && !self.environments.contains(&env)
-                && !self.deleting_environments.contains(&env)
-                && job["Stop"] != Value::Bool(true)
-                && let Some(spec) = jobs::spec_of_template(job)
-            {
-                self.environments.insert(env);
-                return vec![Action::Emit(BackendEvent::EnvironmentAppeared(spec))];
-            }
-            return Vec::new();
+            // The stream replays history on subscription, so an event only says "look again":
+            // the template's current state on Nomad decides (see `settle_environment`).
+            let known = self.environments.contains(&env);
+            let deleting = self.deleting_environments.contains(&env);
+            let maybe_changed = if deregistered {
+                known && !deleting
+            } else {
+                event.kind == "JobRegistered" && !known && !deleting
+            };
+            return if maybe_changed {
+                vec![Action::CheckEnvironment(env)]
+            } else {
+                Vec::new()
+            };
         }
         let id = RunnerId::new(job_id.as_str());
         if deregistered {
@@ -709,7 +745,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Emit(e) => Some(e),
-                Action::Purge(_) => None,
+                Action::Purge(_) | Action::CheckEnvironment(_) => None,
             })
             .collect()
     }
@@ -1035,30 +1071,38 @@ mod tests {
             exposed_ports: vec![],
         };
         let template = crate::jobs::JobShape::default().template(&spec);
+        assert!(t.environments_loaded().is_empty());
         let registered = Event {
             topic: "Job".into(),
             kind: "JobRegistered".into(),
             key: "template-12".into(),
             payload: json!({"Job": template}),
         };
+        // An event only asks to look; the template's current state decides.
         assert_eq!(
             t.apply(&registered, t0),
-            vec![Action::Emit(BackendEvent::EnvironmentAppeared(
-                spec.clone()
-            ))]
+            vec![Action::CheckEnvironment(spec.id)]
+        );
+        assert_eq!(
+            t.settle_environment(spec.id, Some(spec.clone())),
+            Some(BackendEvent::EnvironmentAppeared(spec.clone()))
         );
         assert!(t.apply(&registered, t0).is_empty());
         let gone = Event {
             kind: "JobDeregistered".into(),
             ..registered.clone()
         };
+        assert_eq!(t.apply(&gone, t0), vec![Action::CheckEnvironment(spec.id)]);
+        // A replayed deregistration of a template that exists again changes nothing.
+        assert_eq!(t.settle_environment(spec.id, Some(spec.clone())), None);
         assert_eq!(
-            t.apply(&gone, t0),
-            vec![Action::Emit(BackendEvent::EnvironmentVanished(spec.id))]
+            t.settle_environment(spec.id, None),
+            Some(BackendEvent::EnvironmentVanished(spec.id))
         );
         // One the manager deletes itself is not reported.
         t.environment_known(spec.id);
         t.environment_deleting(spec.id);
         assert!(t.apply(&gone, t0).is_empty());
+        assert_eq!(t.settle_environment(spec.id, None), None);
     }
 }

@@ -402,3 +402,42 @@ async fn a_dropped_stream_resumes_after_the_last_index_without_replays() {
     .expect("a silent stream is reconnected by the watchdog");
     ready_runner(&backend, &mut events).await;
 }
+
+#[tokio::test]
+async fn replayed_template_history_is_settled_against_nomad_and_new_templates_are_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let shape = nomad_adapter::jobs::JobShape::default();
+    // History in the buffer: template 10 registered, deleted, registered again.
+    fake.register_job(&shape.template(&spec())).await.unwrap();
+    fake.purge_job("template-10").await.unwrap();
+    fake.register_job(&shape.template(&spec())).await.unwrap();
+    let backend = NomadExecutor::with_api(config(dir.path()), Arc::new(fake.clone()))
+        .await
+        .unwrap();
+    let mut events = backend.events();
+    // An operator registers environment 11 behind the manager's back.
+    let other = EnvironmentSpec {
+        id: EnvironmentId::new(11).unwrap(),
+        ..spec()
+    };
+    fake.register_job(&shape.template(&other)).await.unwrap();
+    let e = next_event(&mut events, |e| {
+        matches!(
+            e,
+            BackendEvent::EnvironmentAppeared(_) | BackendEvent::EnvironmentVanished(_)
+        )
+    })
+    .await;
+    assert_eq!(e, BackendEvent::EnvironmentAppeared(other.clone()));
+    // And deletes it again.
+    fake.purge_job("template-11").await.unwrap();
+    let e = next_event(&mut events, |e| {
+        matches!(
+            e,
+            BackendEvent::EnvironmentAppeared(_) | BackendEvent::EnvironmentVanished(_)
+        )
+    })
+    .await;
+    assert_eq!(e, BackendEvent::EnvironmentVanished(other.id));
+}
