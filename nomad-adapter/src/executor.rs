@@ -811,6 +811,8 @@ impl ExecutorApi for NomadExecutor {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let commands = command::execution(request, &id, &inner.prefix);
         let (out_tx, mut out_rx) = mpsc::channel(EVENT_BUFFER);
+        // Everything the stderr session prints is the command's stderr.
+        let (err_tx, mut err_rx) = mpsc::channel(EVENT_BUFFER);
         let stderr_session = inner
             .exec
             .open(
@@ -819,7 +821,7 @@ impl ExecutorApi for NomadExecutor {
                 &commands.stderr,
                 false,
                 Stdin::Never,
-                out_tx.clone(),
+                err_tx,
             )
             .await
             .map_err(|m| inner.session_error(runner, m))?;
@@ -866,6 +868,11 @@ impl ExecutorApi for NomadExecutor {
                             break None;
                         }
                     }
+                    Some((_, bytes)) = err_rx.recv() => {
+                        if events_tx.send(ExecutionEvent::Stderr(bytes)).await.is_err() {
+                            break None;
+                        }
+                    }
                     end = &mut main_session => break Some(end.unwrap_or(SessionEnd::Abandoned)),
                 }
             };
@@ -879,22 +886,25 @@ impl ExecutorApi for NomadExecutor {
             // The stderr reader ends when the command's last writer closes the FIFO.
             let grace = tokio::time::sleep(STDERR_GRACE);
             tokio::pin!(grace);
+            let mut stderr_done = false;
             loop {
                 tokio::select! {
-                    chunk = out_rx.recv() => match chunk {
-                        Some(chunk) => if events_tx.send(forward(chunk)).await.is_err() { return },
-                        None => break,
-                    },
-                    _ = &mut stderr_session => {
-                        while let Ok(chunk) = out_rx.try_recv() {
-                            if events_tx.send(forward(chunk)).await.is_err() { return }
+                    Some(chunk) = out_rx.recv() => {
+                        if events_tx.send(forward(chunk)).await.is_err() {
+                            return;
                         }
-                        break;
                     }
-                    () = &mut grace => {
+                    Some((_, bytes)) = err_rx.recv() => {
+                        if events_tx.send(ExecutionEvent::Stderr(bytes)).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = &mut stderr_session, if !stderr_done => stderr_done = true,
+                    () = &mut grace, if !stderr_done => {
                         stderr_session.abort();
-                        break;
+                        stderr_done = true;
                     }
+                    else => break,
                 }
             }
             let terminal = match end {

@@ -2,181 +2,20 @@
 //! registrations into the event sequences of nomad.md §3.1): readiness only from the stream,
 //! marks, recovery with the crash rule, OOM, placement failure, and resuming the stream.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
+use common::Fake;
 use futures::StreamExt;
-use nomad_adapter::api::{EventBody, JobStub, NomadApi, Registration};
-use nomad_adapter::{ApiError, NomadConfig, NomadExecutor};
+use nomad_adapter::api::NomadApi;
+use nomad_adapter::{NomadConfig, NomadExecutor};
 use runner_core::{
     BackendError, BackendEvent, Creation, DestroyReason, EnvironmentId, EnvironmentSpec,
     ExecutorApi, RecordedState, RunnerId, RunnerState, UsedState,
 };
-use serde_json::{Value, json};
-use tokio::sync::mpsc;
-
-#[derive(Debug, Default)]
-struct State {
-    index: u64,
-    jobs: HashMap<String, Value>,
-    allocs: HashMap<String, Value>,
-    buffer: Vec<(u64, String)>,
-    subscribers: Vec<mpsc::UnboundedSender<Bytes>>,
-    subscriptions: Vec<u64>,
-    no_capacity: bool,
-    registrations: usize,
-}
-
-#[derive(Debug, Default, Clone)]
-struct Fake(Arc<Mutex<State>>);
-
-impl State {
-    fn batch(&mut self, events: Vec<Value>) {
-        self.index += 1;
-        let index = self.index;
-        let events: Vec<Value> = events
-            .into_iter()
-            .map(|mut e| {
-                e["Index"] = json!(index);
-                e
-            })
-            .collect();
-        let line = json!({"Index": index, "Events": events}).to_string() + "\n";
-        self.buffer.push((index, line.clone()));
-        self.subscribers
-            .retain(|s| s.send(Bytes::from(line.clone())).is_ok());
-    }
-
-    fn alloc_update(&mut self, id: &str, change: impl FnOnce(&mut Value)) {
-        let index = self.index + 1;
-        let Some(a) = self.allocs.get_mut(id) else {
-            return;
-        };
-        change(a);
-        a["ModifyIndex"] = json!(index);
-        let a = a.clone();
-        self.batch(vec![json!({"Topic": "Allocation", "Type": "AllocationUpdated", "Key": id, "Payload": {"Allocation": a}})]);
-    }
-}
-
-impl Fake {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap()
-    }
-
-    fn drop_streams(&self) {
-        self.state().subscribers.clear();
-    }
-}
-
-#[async_trait]
-impl NomadApi for Fake {
-    async fn register_job(&self, job: &Value) -> Result<Registration, ApiError> {
-        let mut s = self.state();
-        s.registrations += 1;
-        let id = job["ID"].as_str().unwrap().to_string();
-        let eval = format!("eval-{}", s.index + 1);
-        let existed = s.jobs.insert(id.clone(), job.clone()).is_some();
-        s.batch(vec![
-            json!({"Topic": "Job", "Type": "JobRegistered", "Key": id, "Payload": {"Job": job}}),
-            json!({"Topic": "Evaluation", "Type": "JobRegistered", "Key": eval, "Payload": {"Evaluation": {"ID": eval, "Status": "pending"}}}),
-        ]);
-        if existed || id.starts_with("template-") {
-            s.batch(vec![json!({"Topic": "Evaluation", "Type": "EvaluationUpdated", "Key": eval, "Payload": {"Evaluation": {"ID": eval, "Status": "complete"}}})]);
-            return Ok(Registration { eval_id: eval });
-        }
-        if s.no_capacity {
-            s.batch(vec![json!({"Topic": "Evaluation", "Type": "EvaluationUpdated", "Key": eval, "Payload": {"Evaluation": {"ID": eval, "Status": "complete",
-                "FailedTGAllocs": {"default-group": {"NodesEvaluated": 1, "NodesExhausted": 1, "DimensionExhausted": {"memory": 1}}}}}})]);
-            return Ok(Registration { eval_id: eval });
-        }
-        let alloc_id = format!("alloc-{id}");
-        let index = s.index + 1;
-        let alloc = json!({"ID": alloc_id, "JobID": id, "ClientStatus": "pending", "DesiredStatus": "run",
-            "CreateIndex": index, "ModifyIndex": index, "PreviousAllocation": "", "TaskStates": null,
-            "AllocatedResources": {"Shared": {"Ports": []}}});
-        s.allocs.insert(alloc_id.clone(), alloc.clone());
-        s.batch(vec![json!({"Topic": "Allocation", "Type": "PlanResult", "Key": alloc_id, "Payload": {"Allocation": alloc}})]);
-        s.batch(vec![json!({"Topic": "Evaluation", "Type": "EvaluationUpdated", "Key": eval, "Payload": {"Evaluation": {"ID": eval, "Status": "complete"}}})]);
-        // The client starts it a little later.
-        let fake = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            fake.state()
-                .alloc_update(&alloc_id, |a| a["ClientStatus"] = json!("running"));
-        });
-        Ok(Registration { eval_id: eval })
-    }
-
-    async fn read_job(&self, id: &str) -> Result<Option<Value>, ApiError> {
-        Ok(self.state().jobs.get(id).cloned())
-    }
-
-    async fn list_jobs(&self, prefix: &str) -> Result<Vec<JobStub>, ApiError> {
-        let s = self.state();
-        let mut out: Vec<JobStub> = s
-            .jobs
-            .keys()
-            .filter(|id| id.starts_with(prefix))
-            .map(|id| JobStub {
-                id: id.clone(),
-                status: "running".into(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
-    }
-
-    async fn purge_job(&self, id: &str) -> Result<(), ApiError> {
-        let mut s = self.state();
-        if let Some(job) = s.jobs.remove(id) {
-            s.batch(vec![json!({"Topic": "Job", "Type": "JobDeregistered", "Key": id, "Payload": {"Job": job, "Deleted": true}})]);
-            let alloc_id = format!("alloc-{id}");
-            s.alloc_update(&alloc_id, |a| {
-                a["ClientStatus"] = json!("complete");
-                a["DesiredStatus"] = json!("stop");
-            });
-        }
-        Ok(())
-    }
-
-    async fn job_allocations(&self, id: &str) -> Result<Vec<Value>, ApiError> {
-        Ok(self
-            .state()
-            .allocs
-            .values()
-            .filter(|a| a["JobID"] == id)
-            .cloned()
-            .collect())
-    }
-
-    async fn read_evaluation(&self, _id: &str) -> Result<Option<Value>, ApiError> {
-        Ok(None)
-    }
-
-    async fn leader(&self) -> Result<String, ApiError> {
-        Ok("127.0.0.1:4647".into())
-    }
-
-    async fn event_stream(&self, index: u64) -> Result<EventBody, ApiError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut s = self.state();
-        s.subscriptions.push(index);
-        let _ = tx.send(Bytes::from_static(b"{}\n"));
-        for (i, line) in &s.buffer {
-            if *i >= index {
-                let _ = tx.send(Bytes::from(line.clone()));
-            }
-        }
-        s.subscribers.push(tx);
-        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-            .map(Ok)
-            .boxed())
-    }
-}
+use serde_json::json;
 
 fn spec() -> EnvironmentSpec {
     EnvironmentSpec {
