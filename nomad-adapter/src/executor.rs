@@ -47,6 +47,8 @@ const MAX_COLLECT: usize = 64 << 20;
 const STDERR_GRACE: Duration = Duration::from_secs(2);
 /// How long an exit code 128 waits for an OOM report (Poseidon #397/#401).
 const OOM_GRACE: Duration = Duration::from_secs(1);
+/// How long a runner that stopped on its own is remembered.
+const FORGET_STOPPED_AFTER: Duration = Duration::from_secs(60);
 /// Consecutive failed subscriptions after which a resynchronisation is due.
 const RESYNC_AFTER_FAILURES: u32 = 3;
 
@@ -363,6 +365,23 @@ impl Inner {
             match action {
                 Action::Emit(event) => {
                     debug!(?event, "backend event");
+                    if let BackendEvent::RunnerStopped { runner, .. } = &event {
+                        // Kept a while (an execution may still ask why it ended), then forgotten.
+                        let inner = Arc::downgrade(self);
+                        let runner = runner.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(FORGET_STOPPED_AFTER).await;
+                            if let Some(inner) = inner.upgrade() {
+                                let mut tracker = lock(&inner.tracker);
+                                if tracker
+                                    .runner(&runner)
+                                    .is_some_and(|t| t.phase == Phase::Gone)
+                                {
+                                    tracker.forget(&runner);
+                                }
+                            }
+                        });
+                    }
                     self.emit(event);
                 }
                 Action::CheckEnvironment(env) => {
@@ -631,9 +650,23 @@ impl ExecutorApi for NomadExecutor {
             });
             return Err(e);
         }
-        let mapped_ports = lock(&inner.tracker)
+        let mut mapped_ports = lock(&inner.tracker)
             .newest_ports(id.as_str())
             .unwrap_or_default();
+        if mapped_ports.len() < spec.exposed_ports.len() {
+            // The stream has not shown the placement (e.g. it is reconnecting): read it.
+            let allocs = inner
+                .retry(|| inner.api.job_allocations(id.as_str()))
+                .await
+                .unwrap_or_default();
+            if let Some(newest) = allocs
+                .iter()
+                .filter_map(crate::tracker::AllocView::parse)
+                .max_by_key(|a| a.create_index)
+            {
+                mapped_ports = newest.ports;
+            }
+        }
         let info = RunnerInfo {
             id: id.clone(),
             environment: spec.id,

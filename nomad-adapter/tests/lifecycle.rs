@@ -280,3 +280,31 @@ async fn replayed_template_history_is_settled_against_nomad_and_new_templates_ar
     .await;
     assert_eq!(e, BackendEvent::EnvironmentVanished(other.id));
 }
+
+#[tokio::test]
+async fn a_created_runner_knows_its_mapped_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let backend = NomadExecutor::with_api(config(dir.path()), Arc::new(fake.clone()))
+        .await
+        .unwrap();
+    let spec = EnvironmentSpec {
+        network_access: true,
+        exposed_ports: vec![80, 8080],
+        ..spec()
+    };
+    backend.register_environment(&spec).await.unwrap();
+    let creation = backend.create_runner(&spec).await.unwrap();
+    let ports: Vec<u16> = creation
+        .info()
+        .mapped_ports
+        .iter()
+        .map(|p| p.exposed_port)
+        .collect();
+    assert_eq!(ports, [80, 8080]);
+    assert!(
+        creation.info().mapped_ports[0]
+            .host_address
+            .starts_with("127.0.0.1:")
+    );
+}

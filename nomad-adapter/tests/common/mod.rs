@@ -97,9 +97,19 @@ impl NomadApi for Fake {
         }
         let alloc_id = format!("alloc-{id}");
         let index = s.index + 1;
+        let ports: Vec<Value> = job["TaskGroups"][0]["Networks"][0]["DynamicPorts"]
+            .as_array()
+            .map(|ports| {
+                ports
+                    .iter()
+                    .enumerate()
+                    .map(|(n, p)| json!({"Label": p["Label"], "Value": 20000 + index * 10 + n as u64, "To": p["To"], "HostIP": "127.0.0.1"}))
+                    .collect()
+            })
+            .unwrap_or_default();
         let alloc = json!({"ID": alloc_id, "JobID": id, "ClientStatus": "pending", "DesiredStatus": "run",
             "CreateIndex": index, "ModifyIndex": index, "PreviousAllocation": "", "TaskStates": null,
-            "AllocatedResources": {"Shared": {"Ports": []}}});
+            "AllocatedResources": {"Shared": {"Ports": ports}}});
         s.allocs.insert(alloc_id.clone(), alloc.clone());
         s.batch(vec![json!({"Topic": "Allocation", "Type": "PlanResult", "Key": alloc_id, "Payload": {"Allocation": alloc}})]);
         s.batch(vec![json!({"Topic": "Evaluation", "Type": "EvaluationUpdated", "Key": eval, "Payload": {"Evaluation": {"ID": eval, "Status": "complete"}}})]);
