@@ -370,6 +370,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nomad_client_rs_represents_poseidons_jobs_without_loss() {
+        let spec = runner_core::EnvironmentSpec {
+            id: runner_core::EnvironmentId::new(3).unwrap(),
+            image: "img".into(),
+            prewarming_pool_size: 2,
+            cpu_limit: 20,
+            memory_limit: 128,
+            network_access: true,
+            exposed_ports: vec![80],
+        };
+        let shape = crate::jobs::JobShape::default();
+        assert!(HttpNomadApi::typed_without_loss(&shape.template(&spec)).is_some());
+        let runner = runner_core::RunnerId::new("3-x");
+        let mut job = shape.runner(&spec, &runner, true);
+        assert!(HttpNomadApi::typed_without_loss(&job).is_some());
+        // A field the crate does not model sends the job through the own code.
+        job["VersionTag"] = serde_json::json!({"Name": "x"});
+        assert!(HttpNomadApi::typed_without_loss(&job).is_none());
+    }
+
+    #[test]
     fn ids_are_path_escaped() {
         assert_eq!(escape("10-abc_def"), "10-abc_def");
         assert_eq!(escape("a/b c"), "a%2Fb%20c");
