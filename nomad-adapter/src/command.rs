@@ -121,7 +121,14 @@ pub fn list(workdir: &str, path: &str, recursive: bool, prefix: &[String]) -> Ve
     } else {
         ""
     };
-    let p = quote(if path.is_empty() { "." } else { path });
+    // `find` has no `--`: a path that looks like an option is made explicit.
+    let p = if path.is_empty() {
+        quote(".")
+    } else if path.starts_with('-') {
+        quote(&format!("./{path}"))
+    } else {
+        quote(path)
+    };
     let fmt = r"%y\0%s\0%T@\0%M\0%u\0%g\0%l\0%P\0";
     let script = format!(
         "{{ [ -e {p} ] || [ -L {p} ]; }} || exit {NOT_FOUND_EXIT}; \
@@ -137,7 +144,7 @@ pub fn read(workdir: &str, path: &str, prefix: &[String]) -> Vec<String> {
     let p = quote(path);
     let script = format!(
         "[ -f {p} ] && [ -r {p} ] || exit {NOT_FOUND_EXIT}; \
-         exec 3<{p} || exit {NOT_FOUND_EXIT}; stat -L -c %s {p}; cat <&3"
+         exec 3<{p} || exit {NOT_FOUND_EXIT}; stat -L -c %s -- {p}; cat <&3"
     );
     with_prefix(workdir, &script, prefix)
 }

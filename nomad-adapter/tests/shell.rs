@@ -154,6 +154,11 @@ fn copies_are_extracted_root_owned_0744_dirs_01777_and_failures_named() {
     let listing = files::parse_listing("kit/a.txt", &out.stdout);
     assert_eq!(listing.len(), 1);
     assert_eq!(listing[0].name, "kit/a.txt");
+    std::fs::write(format!("{workdir}/-n"), "dash").unwrap();
+    let out = run(&command::list(&workdir, "-n", false, &[]), b"");
+    assert_eq!(files::parse_listing("-n", &out.stdout)[0].name, "-n");
+    let out = run(&command::read(&workdir, "-n", &[]), b"");
+    assert_eq!(out.stdout, b"4\ndash");
     let out = run(&command::list(&workdir, "missing", false, &[]), b"");
     assert_eq!(out.status.code(), Some(NOT_FOUND_EXIT));
 
