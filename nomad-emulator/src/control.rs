@@ -372,6 +372,29 @@ impl Control {
 
 type Shared = Arc<Inner>;
 
+/// A JSON body parsed whatever its `Content-Type` (as Nomad does); an empty body is `{}`.
+struct LooseJson<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S>
+    for LooseJson<T>
+{
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let bytes = if bytes.is_empty() {
+            axum::body::Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes)
+            .map(LooseJson)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()).into_response())
+    }
+}
+
 fn ok() -> Response {
     Json(json!({"ok": true})).into_response()
 }
@@ -401,7 +424,7 @@ struct RequestFaultBody {
 
 async fn add_request_fault(
     State(inner): State<Shared>,
-    Json(b): Json<RequestFaultBody>,
+    LooseJson(b): LooseJson<RequestFaultBody>,
 ) -> Response {
     let c = Control::new(inner);
     let m = Match {
@@ -484,12 +507,12 @@ struct ExecFaultBody {
 async fn alloc_action(
     State(inner): State<Shared>,
     Path((id, action)): Path<(String, String)>,
-    body: Option<Json<CrashBody>>,
+    LooseJson(body): LooseJson<CrashBody>,
 ) -> Response {
     let c = Control::new(inner);
     let done = match action.as_str() {
         "oom" => c.oom_kill(&id),
-        "crash" => c.crash_task(&id, body.and_then(|b| b.0.exit_code).unwrap_or(1)),
+        "crash" => c.crash_task(&id, body.exit_code.unwrap_or(1)),
         "restart" => c.restart_task(&id),
         _ => return not_found("action"),
     };
@@ -503,16 +526,15 @@ async fn alloc_action(
 async fn node_action(
     State(inner): State<Shared>,
     Path((id, action)): Path<(String, String)>,
-    body: Option<Json<NodeBody>>,
+    LooseJson(body): LooseJson<NodeBody>,
 ) -> Response {
     let c = Control::new(inner);
     let done = match action.as_str() {
         "lose" => c.lose_node(&id),
         "restore" => c.restore_node(&id),
         "capacity" => {
-            let b = body.map(|b| b.0);
-            let cpu = b.as_ref().and_then(|b| b.cpu).unwrap_or(0);
-            let mem = b.as_ref().and_then(|b| b.memory_mb).unwrap_or(0);
+            let cpu = body.cpu.unwrap_or(0);
+            let mem = body.memory_mb.unwrap_or(0);
             c.set_capacity(&id, cpu, mem)
         }
         _ => return not_found("action"),
@@ -549,7 +571,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/event-streams/stall",
             post(
-                |State(i): State<Shared>, Json(b): Json<StallBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<StallBody>| async move {
                     Control::new(i).stall_event_streams(b.stalled);
                     ok()
                 },
@@ -558,7 +580,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/event-streams/reject",
             post(
-                |State(i): State<Shared>, Json(b): Json<RejectBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<RejectBody>| async move {
                     Control::new(i)
                         .reject_event_streams(Times(b.times.unwrap_or(1)), b.status.unwrap_or(500));
                     ok()
@@ -575,7 +597,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/jobs/hold",
             post(
-                |State(i): State<Shared>, Json(b): Json<PrefixBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<PrefixBody>| async move {
                     Control::new(i).hold_pending(&b.job_prefix);
                     ok()
                 },
@@ -584,7 +606,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/jobs/release",
             post(
-                |State(i): State<Shared>, Json(b): Json<PrefixBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<PrefixBody>| async move {
                     Control::new(i).release_pending(&b.job_prefix);
                     ok()
                 },
@@ -593,7 +615,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/jobs/fail-start",
             post(
-                |State(i): State<Shared>, Json(b): Json<PrefixBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<PrefixBody>| async move {
                     Control::new(i).fail_start(
                         &b.job_prefix,
                         b.message.as_deref().unwrap_or("Failed to start task"),
@@ -607,7 +629,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/nodes",
             get(|State(i): State<Shared>| async move { Json(Control::new(i).nodes()) }).post(
-                |State(i): State<Shared>, Json(b): Json<NodeBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<NodeBody>| async move {
                     let mut spec = NodeSpec::named(
                         b.name
                             .unwrap_or_else(|| format!("emu-node-{}", &new_id()[..8])),
@@ -626,7 +648,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/restart",
             post(
-                |State(i): State<Shared>, Json(b): Json<RestartBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<RestartBody>| async move {
                     Control::new(i)
                         .restart_server(Duration::from_millis(b.downtime_ms.unwrap_or(200)));
                     ok()
@@ -636,7 +658,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route(
             "/emulator/v1/exec-faults",
             post(
-                |State(i): State<Shared>, Json(b): Json<ExecFaultBody>| async move {
+                |State(i): State<Shared>, LooseJson(b): LooseJson<ExecFaultBody>| async move {
                     let c = Control::new(i);
                     let times = Times(b.times.unwrap_or(1));
                     if let Some(code) = b.close_before_exit {
