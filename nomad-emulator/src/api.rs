@@ -209,10 +209,8 @@ async fn pipeline(State(inner): State<Shared>, req: Request, next: Next) -> Resp
                 message,
             );
         }
-        Some(RequestFault::Delay(d)) => {
-            if !inner.sleep(d).await {
-                return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
-            }
+        Some(RequestFault::Delay(d)) if !inner.sleep(d).await => {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
         }
         Some(RequestFault::Drop) => {
             if let Some(ctx) = parts.extensions.get::<ConnCtx>() {
@@ -225,7 +223,7 @@ async fn pipeline(State(inner): State<Shared>, req: Request, next: Next) -> Resp
                 "connection dropped".into(),
             );
         }
-        None => {}
+        Some(RequestFault::Delay(_)) | None => {}
     }
     let is_exec = path.starts_with("/v1/client/allocation/") && path.ends_with("/exec");
     if !is_exec && !token_ok(&inner, &parts.headers) {
@@ -499,7 +497,7 @@ async fn job_allocations(
     let index = block(&inner, Table::Allocs, p.index, p.wait).await;
     let st = inner.lock();
     let mut allocs = st.job_allocs(&p.ns(), &id);
-    allocs.sort_by(|a, b| b.create_index.cmp(&a.create_index));
+    allocs.sort_by_key(|a| std::cmp::Reverse(a.create_index));
     let out: Vec<Value> = allocs
         .iter()
         .map(|a| shapes::alloc_stub(a, false, true))
@@ -521,7 +519,7 @@ async fn job_evaluations(
         .values()
         .filter(|e| e.job_id == id && e.namespace == ns)
         .collect();
-    evals.sort_by(|a, b| b.create_index.cmp(&a.create_index));
+    evals.sort_by_key(|a| std::cmp::Reverse(a.create_index));
     let out: Vec<Value> = evals.into_iter().map(shapes::eval).collect();
     Ok(read_response(index, &Value::Array(out), p.pretty))
 }
@@ -537,7 +535,7 @@ async fn list_allocations(State(inner): State<Shared>, q: Q) -> Result<Response,
         .values()
         .filter(|a| p.ns_matches(&a.namespace) && a.id.starts_with(&p.prefix))
         .collect();
-    allocs.sort_by(|a, b| b.create_index.cmp(&a.create_index));
+    allocs.sort_by_key(|a| std::cmp::Reverse(a.create_index));
     let out: Vec<Value> = allocs
         .into_iter()
         .map(|a| shapes::alloc_stub(a, resources, task_states))

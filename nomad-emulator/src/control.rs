@@ -321,7 +321,7 @@ impl Control {
     pub fn allocs(&self, job_id: &str) -> Vec<Value> {
         let st = self.inner.lock();
         let mut allocs: Vec<_> = st.allocs.values().filter(|a| a.job_id == job_id).collect();
-        allocs.sort_by(|a, b| b.create_index.cmp(&a.create_index));
+        allocs.sort_by_key(|a| std::cmp::Reverse(a.create_index));
         allocs.into_iter().map(|a| shapes::alloc(a, true)).collect()
     }
 

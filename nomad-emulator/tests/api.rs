@@ -682,11 +682,7 @@ async fn exec_route_checks_after_the_upgrade() {
         Some(nomad_emulator::runtime::ExecFault::DropAfterFrames(2))
     );
     // Pending restart → not running; stopped → exec not possible.
-    c.set_capacity(
-        &c.nodes()[0]["ID"].as_str().unwrap().to_owned(),
-        100000,
-        100000,
-    );
+    c.set_capacity(c.nodes()[0]["ID"].as_str().unwrap(), 100000, 100000);
     http.delete("/v1/job/x-1?purge=true").await;
     wait_alloc_status(&c, "x-1", "complete").await;
     assert_eq!(
