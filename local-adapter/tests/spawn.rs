@@ -123,6 +123,24 @@ async fn stdin_is_a_pipe_and_closing_it_is_eof() {
     let done = finish(process).await;
     assert_eq!(done.stdout, "one\ntwo");
     assert_eq!(done.exit, SpawnExit::Exited(0));
+
+    // Reopening the pipes by path works, as `tar --file=/dev/stdin` does.
+    let mut process = f
+        .executor
+        .spawn(
+            &r,
+            request(
+                &["/bin/sh", "-c", "cat /dev/stdin > /proc/self/fd/1"],
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    process.stdin.write_all(b"one\ntwo").await.unwrap();
+    process.stdin.shutdown().await.unwrap();
+    let done = finish(process).await;
+    assert_eq!(done.stdout, "one\ntwo");
+    assert_eq!(done.exit, SpawnExit::Exited(0));
 }
 
 #[tokio::test]

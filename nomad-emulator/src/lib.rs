@@ -4,4 +4,6 @@
 //! would, streams Nomad's events, serves alloc exec over WebSocket, and runs each allocation as a
 //! real local sandbox. Faults can be injected from Rust or over a small HTTP control API.
 
+pub mod exec;
 pub mod runtime;
+pub mod sandbox;

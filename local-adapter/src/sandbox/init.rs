@@ -777,6 +777,10 @@ fn exec_child(c: ExecChild<'_>) -> ! {
         }
         ChildStdio::Pipes(pipes) => {
             for (target, fd) in pipes.iter().enumerate() {
+                // Owned by the execution's user, as its terminal would be: reopening them
+                // (`/dev/stdin`, `/proc/self/fd/N`) checks the pipe's owner, and the init's
+                // own ids are out of the execution's reach.
+                let _ = nix::unistd::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
                 // SAFETY: as above. The pipes were created close-on-exec above 2, so none of
                 // them is a standard descriptor that an earlier dup2 replaced.
                 if unsafe { libc::dup2(fd.as_raw_fd(), target as i32) } < 0 {
