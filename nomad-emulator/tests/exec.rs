@@ -713,3 +713,80 @@ fn kill9(pids: &[i32]) {
         .unwrap();
     assert!(status.success());
 }
+
+// Multi-threaded: the runner network's own tasks run on this runtime while a test ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_placed_host_port_reaches_the_tasks_port() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.local.network = Some(Default::default());
+    let runtime = SandboxRuntime::start(cfg).await.unwrap();
+    let addr = serve(runtime.clone()).await;
+    let emu = Emu {
+        runtime,
+        addr,
+        dir,
+        started: Mutex::new(vec!["n1".into()]),
+    };
+    let host_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut launch = launch("n1", 128);
+    launch.ports = vec![nomad_emulator::runtime::PortLaunch {
+        label: "http".into(),
+        host_port,
+        to: 8080,
+        host_ip: "127.0.0.1".into(),
+    }];
+    tokio::time::timeout(Duration::from_secs(60), emu.runtime.start(&launch))
+        .await
+        .expect("start hangs")
+        .unwrap();
+    // Idempotent: a second start keeps the sandbox and its forwarder.
+    let runner = emu.runtime.runner_of("n1");
+    emu.runtime.start(&launch).await.unwrap();
+    assert_eq!(emu.runtime.runner_of("n1"), runner);
+
+    let mut server = emu
+        .connect(
+            "n1",
+            &[
+                "/usr/bin/python3",
+                "-u",
+                "-c",
+                "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen()\nprint('listening')\nc,_=s.accept()\nc.sendall(b'hello from the task')\nc.close()",
+            ],
+            false,
+            "",
+        )
+        .await;
+    let mut seen = Transcript::default();
+    server.until_stdout("listening", &mut seen).await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", host_port))
+        .await
+        .unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read_to_string(&mut conn, &mut got),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(got, "hello from the task");
+    let t = server.transcript_from(seen).await;
+    assert_eq!(t.exit, Some(0), "{}", t.err());
+
+    // Stopped: the port is free again.
+    emu.runtime.stop("n1").await;
+    std::net::TcpListener::bind(("127.0.0.1", host_port)).unwrap();
+    emu.started.lock().unwrap().clear();
+    emu.runtime.executor().teardowns_finished().await;
+}
