@@ -41,6 +41,8 @@ use crate::protocol::{
 use crate::rootfs;
 use crate::sandbox::{ID_RANGE, MARKER, RootSpec, SandboxSpec};
 
+pub(crate) mod spawn;
+
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the init may take to accept a connection and give its first answer to a request. A
 /// working init answers in microseconds (it forks helpers for anything slow); one that does not

@@ -52,6 +52,9 @@ pub use cgroup::{CgroupDriver, Limits, NoCgroups, V1Driver, V2Driver};
 pub use config::{CgroupChoice, LocalConfig};
 pub use error::LocalError;
 pub use executor::LocalExecutor;
+pub use executor::spawn::{
+    MAX_ARGS, ProcessControl, ProcessOutput, ProcessStdin, SpawnExit, SpawnRequest, SpawnedProcess,
+};
 
 /// Runs the runner helper and exits if this process was started as one; returns at once
 /// otherwise. Call it first in `main` (and from a constructor in test binaries).

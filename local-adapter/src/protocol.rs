@@ -30,6 +30,15 @@ pub(crate) enum Request {
         privileged: bool,
         env: Vec<(String, String)>,
     },
+    /// Start `argv` as given (`argv[0]` looked up in `PATH`). With `tty`, a terminal is its
+    /// stdin, stdout and stderr and the answer carries its master; without, the answer carries
+    /// the stdin pipe's write end, then the stdout and stderr pipes' read ends.
+    Spawn {
+        argv: Vec<String>,
+        tty: bool,
+        privileged: bool,
+        env: Vec<(String, String)>,
+    },
     /// Delete, then write files; `copies[i].len` payload bytes follow the header in order.
     Update {
         delete: Vec<String>,

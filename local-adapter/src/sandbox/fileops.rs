@@ -56,7 +56,7 @@ pub(crate) fn serve(
                     path, recursive, ..
                 } => list(&path, recursive),
                 Request::Read { path, .. } => read(&mut conn, &path),
-                Request::Ping | Request::Exec { .. } => Response::Error {
+                Request::Ping | Request::Exec { .. } | Request::Spawn { .. } => Response::Error {
                     message: "not a file operation".into(),
                 },
             }

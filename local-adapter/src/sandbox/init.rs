@@ -101,6 +101,104 @@ impl From<&str> for SpawnError {
     }
 }
 
+/// What an execution runs.
+enum Program {
+    /// `bash -c` this command (`Request::Exec`).
+    Shell(CString),
+    /// This argv as given, `argv[0]` looked up in `PATH` (`Request::Spawn`).
+    Argv(Vec<CString>),
+}
+
+/// How an execution's standard descriptors are connected.
+#[derive(Clone, Copy)]
+enum Stdio {
+    /// A terminal for stdin and stdout, stderr on a pipe of its own (`Request::Exec`).
+    SplitTerminal,
+    /// A terminal for stdin, stdout and stderr.
+    Terminal,
+    /// Three pipes, no terminal at all.
+    Pipes,
+}
+
+/// The child's side of [`Stdio`].
+enum ChildStdio {
+    /// The terminal's slave path; stderr on this pipe, or the terminal when `None`.
+    Terminal {
+        slave: CString,
+        stderr: Option<OwnedFd>,
+    },
+    /// stdin, stdout and stderr pipe ends.
+    Pipes([OwnedFd; 3]),
+}
+
+/// A started execution, before its descriptors went to the server.
+struct Spawned {
+    pid: i32,
+    /// The server's ends, in the order `Request::Exec`/`Request::Spawn` document.
+    fds: Vec<OwnedFd>,
+    cgroup: Option<String>,
+    status: Option<OwnedFd>,
+}
+
+/// Opens an execution's descriptors: the server's ends and the child's.
+fn open_stdio(stdio: Stdio) -> Result<(Vec<OwnedFd>, ChildStdio), SpawnError> {
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    match stdio {
+        Stdio::SplitTerminal | Stdio::Terminal => {
+            let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
+                .map_err(|e| format!("openpt: {e}"))?;
+            unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
+            let slave = ptsname(&master, Vec::new()).map_err(|e| format!("ptsname: {e}"))?;
+            let _ = rustix::termios::tcsetwinsize(
+                &master,
+                rustix::termios::Winsize {
+                    ws_row: 24,
+                    ws_col: 80,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                },
+            );
+            if matches!(stdio, Stdio::SplitTerminal) {
+                let (err_r, err_w) = pipe()?;
+                Ok((
+                    vec![master, err_r],
+                    ChildStdio::Terminal {
+                        slave,
+                        stderr: Some(err_w),
+                    },
+                ))
+            } else {
+                Ok((
+                    vec![master],
+                    ChildStdio::Terminal {
+                        slave,
+                        stderr: None,
+                    },
+                ))
+            }
+        }
+        Stdio::Pipes => {
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            Ok((
+                vec![in_w, out_r, err_r],
+                ChildStdio::Pipes([in_r, out_w, err_w]),
+            ))
+        }
+    }
+}
+
+/// Answers a request that cannot be started with an error.
+fn refuse(mut conn: UnixStream, message: &str) {
+    let _ = write_msg(
+        &mut conn,
+        &Response::Error {
+            message: message.to_string(),
+        },
+    );
+}
+
 struct Init<'a> {
     spec: &'a SandboxSpec,
     cgroup: Option<OwnedFd>,
@@ -212,7 +310,32 @@ impl Init<'_> {
                 command,
                 privileged,
                 env,
-            } => self.start_exec(conn, &command, privileged, &env),
+            } => match setup::cstring(&command) {
+                Some(program) => self.start_exec(
+                    conn,
+                    Program::Shell(program),
+                    Stdio::SplitTerminal,
+                    privileged,
+                    &env,
+                ),
+                None => refuse(conn, "command contains NUL"),
+            },
+            Request::Spawn {
+                argv,
+                tty,
+                privileged,
+                env,
+            } => {
+                let argv: Option<Vec<CString>> = argv.iter().map(|a| setup::cstring(a)).collect();
+                match argv {
+                    Some(argv) if !argv.is_empty() => {
+                        let stdio = if tty { Stdio::Terminal } else { Stdio::Pipes };
+                        self.start_exec(conn, Program::Argv(argv), stdio, privileged, &env)
+                    }
+                    Some(_) => refuse(conn, "empty argv"),
+                    None => refuse(conn, "an argument contains NUL"),
+                }
+            }
             other => self.fork_file_op(conn, other),
         }
     }
@@ -254,16 +377,21 @@ impl Init<'_> {
     fn start_exec(
         &mut self,
         mut conn: UnixStream,
-        command: &str,
+        program: Program,
+        stdio: Stdio,
         privileged: bool,
         env: &[(String, String)],
     ) {
-        match self.spawn(command, privileged, env) {
-            Ok((pid, master, stderr, cgroup, status)) => {
-                let sent =
-                    send_with_fds(&conn, &Response::Started, &[master.as_fd(), stderr.as_fd()]);
-                drop(master);
-                drop(stderr);
+        match self.spawn(program, stdio, privileged, env) {
+            Ok(Spawned {
+                pid,
+                fds,
+                cgroup,
+                status,
+            }) => {
+                let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+                let sent = send_with_fds(&conn, &Response::Started, &borrowed);
+                drop(fds);
                 let conn = match sent.and_then(|()| conn.set_nonblocking(true)) {
                     Ok(()) => Some(conn),
                     Err(_) => {
@@ -289,14 +417,13 @@ impl Init<'_> {
         }
     }
 
-    #[allow(clippy::type_complexity)]
     fn spawn(
         &mut self,
-        command: &str,
+        program: Program,
+        stdio: Stdio,
         privileged: bool,
         env: &[(String, String)],
-    ) -> Result<(i32, OwnedFd, OwnedFd, Option<String>, Option<OwnedFd>), SpawnError> {
-        let program = setup::cstring(command).ok_or("command contains NUL")?;
+    ) -> Result<Spawned, SpawnError> {
         let mut envp = vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
             format!("HOME={}", if privileged { "/root" } else { "/home/user" }),
@@ -313,21 +440,7 @@ impl Init<'_> {
         }
         let envp: Vec<CString> = envp.iter().filter_map(|e| setup::cstring(e)).collect();
 
-        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)
-            .map_err(|e| format!("openpt: {e}"))?;
-        unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
-        let slave = ptsname(&master, Vec::new()).map_err(|e| format!("ptsname: {e}"))?;
-        let _ = rustix::termios::tcsetwinsize(
-            &master,
-            rustix::termios::Winsize {
-                ws_row: 24,
-                ws_col: 80,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            },
-        );
-        let (err_r, err_w) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (server_fds, child_stdio) = open_stdio(stdio)?;
         let (status_r, status_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
             Ok((r, w)) => (Some(r), Some(w)),
             Err(_) => (None, None),
@@ -348,7 +461,7 @@ impl Init<'_> {
         let fork_deadline = self.fork_deadline();
         match self.fork_reaping() {
             Ok(ForkResult::Child) => {
-                drop(err_r);
+                drop(server_fds);
                 drop(status_r);
                 let procs = match (&self.cgroup, &cgroup) {
                     (Some(dir), Some(name)) => openat(
@@ -365,17 +478,19 @@ impl Init<'_> {
                     program,
                     envp,
                     privileged,
-                    slave,
-                    stderr: err_w,
+                    stdio: child_stdio,
                     status: status_w,
                     procs,
                     limits,
                     fork_deadline,
                 })
             }
-            Ok(ForkResult::Parent { child }) => {
-                Ok((child.as_raw(), master, err_r, cgroup, status_r))
-            }
+            Ok(ForkResult::Parent { child }) => Ok(Spawned {
+                pid: child.as_raw(),
+                fds: server_fds,
+                cgroup,
+                status: status_r,
+            }),
             Err(e) => {
                 if let Some(name) = cgroup {
                     self.lingering.push(name);
@@ -600,11 +715,10 @@ fn reset_signals() {
 
 struct ExecChild<'a> {
     userns: BorrowedFd<'a>,
-    program: CString,
+    program: Program,
     envp: Vec<CString>,
     privileged: bool,
-    slave: CString,
-    stderr: OwnedFd,
+    stdio: ChildStdio,
     /// Where the leader reports that it could not fork the command (see `LEADER_NO_PROCESS`).
     status: Option<OwnedFd>,
     procs: Option<OwnedFd>,
@@ -613,8 +727,9 @@ struct ExecChild<'a> {
     fork_deadline: std::time::Instant,
 }
 
-/// The forked child of an execution: joins the execution's cgroup, takes the terminal, drops
-/// to `user` unless privileged, and execs `bash -c`.
+/// The forked child of an execution: joins the execution's cgroup, takes the terminal (if it
+/// has one), forks the command (which drops to `user` unless privileged) and waits for it as
+/// the session leader.
 fn exec_child(c: ExecChild<'_>) -> ! {
     reset_signals();
     let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
@@ -632,28 +747,49 @@ fn exec_child(c: ExecChild<'_>) -> ! {
         let _ = nix::unistd::write(procs, b"0");
     }
     drop(c.procs);
-    let slave = match nix::fcntl::open(c.slave.as_c_str(), OFlag::O_RDWR, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(e) => fail("open terminal", &e),
-    };
-    let _ = rustix::process::ioctl_tiocsctty(&slave);
     let (uid, gid) = if c.privileged {
         (0, 0)
     } else {
         (USER_ID, USER_ID)
     };
-    let _ = nix::unistd::fchown(&slave, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
-    // SAFETY: dup2 onto the standard descriptors of this (forked, single-threaded) process.
-    unsafe {
-        if libc::dup2(slave.as_raw_fd(), 0) < 0
-            || libc::dup2(slave.as_raw_fd(), 1) < 0
-            || libc::dup2(c.stderr.as_raw_fd(), 2) < 0
-        {
-            libc::_exit(127);
+    let terminal = matches!(c.stdio, ChildStdio::Terminal { .. });
+    match c.stdio {
+        ChildStdio::Terminal { slave, stderr } => {
+            let slave = match nix::fcntl::open(slave.as_c_str(), OFlag::O_RDWR, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(e) => fail("open terminal", &e),
+            };
+            let _ = rustix::process::ioctl_tiocsctty(&slave);
+            let _ = nix::unistd::fchown(&slave, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+            let err = stderr
+                .as_ref()
+                .map_or(slave.as_raw_fd(), AsRawFd::as_raw_fd);
+            // SAFETY: dup2 onto the standard descriptors of this (forked, single-threaded)
+            // process.
+            unsafe {
+                if libc::dup2(slave.as_raw_fd(), 0) < 0
+                    || libc::dup2(slave.as_raw_fd(), 1) < 0
+                    || libc::dup2(err, 2) < 0
+                {
+                    libc::_exit(127);
+                }
+            }
+        }
+        ChildStdio::Pipes(pipes) => {
+            for (target, fd) in pipes.iter().enumerate() {
+                // Owned by the execution's user, as its terminal would be: reopening them
+                // (`/dev/stdin`, `/proc/self/fd/N`) checks the pipe's owner, and the init's
+                // own ids are out of the execution's reach.
+                let _ = nix::unistd::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+                // SAFETY: as above. The pipes were created close-on-exec above 2, so none of
+                // them is a standard descriptor that an earlier dup2 replaced.
+                if unsafe { libc::dup2(fd.as_raw_fd(), target as i32) } < 0 {
+                    // SAFETY: exiting a forked child without unwinding.
+                    unsafe { libc::_exit(127) }
+                }
+            }
         }
     }
-    drop(slave);
-    drop(c.stderr);
     // This process stays the session leader and only waits: when a session leader exits, the
     // kernel hangs up the terminal's foreground process group, which would kill the command's
     // background processes. The command runs in its own foreground group; before exiting, the
@@ -676,7 +812,9 @@ fn exec_child(c: ExecChild<'_>) -> ! {
         Ok(ForkResult::Child) => {
             let me = nix::unistd::getpid();
             let _ = nix::unistd::setpgid(me, me);
-            let _ = nix::unistd::tcsetpgrp(std::io::stdin(), me);
+            if terminal {
+                let _ = nix::unistd::tcsetpgrp(std::io::stdin(), me);
+            }
             reset_signals();
             // SAFETY: restoring the default disposition has no handler to race with.
             let _ = unsafe {
@@ -702,9 +840,15 @@ fn exec_child(c: ExecChild<'_>) -> ! {
     };
     drop(c.status);
     let _ = nix::unistd::setpgid(main, main);
-    let _ = nix::unistd::tcsetpgrp(std::io::stdin(), main);
-    // SAFETY: closing our copies of stdout/stderr; only stdin is needed to restore the group.
+    if terminal {
+        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), main);
+    }
+    // SAFETY: closing our copies of the standard descriptors; with a terminal, stdin stays to
+    // restore the foreground group.
     unsafe {
+        if !terminal {
+            libc::close(0);
+        }
         libc::close(1);
         libc::close(2);
     }
@@ -716,42 +860,94 @@ fn exec_child(c: ExecChild<'_>) -> ! {
             Err(_) => break 255,
         }
     };
-    let _ = nix::unistd::tcsetpgrp(std::io::stdin(), nix::unistd::getpgrp());
+    if terminal {
+        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), nix::unistd::getpgrp());
+    }
     // SAFETY: `_exit` ends the forked leader without running destructors.
     unsafe { libc::_exit(code) }
 }
 
 struct Command<'a> {
     userns: BorrowedFd<'a>,
-    program: CString,
+    program: Program,
     envp: Vec<CString>,
     privileged: bool,
     limits: (u64, u64),
 }
 
-/// The command's own process: limits, credentials, working directory, then `bash -c`.
+/// The command's own process: limits, credentials, working directory, then `bash -c` or the
+/// argv.
 fn exec_command(c: Command<'_>) -> ! {
-    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+    let fail = |code: i32, what: &str, e: &dyn std::fmt::Display| -> ! {
         let msg = format!("poseidon: {what}: {e}\n");
         // SAFETY: writing to fd 2 and exiting without unwinding in a forked child.
         unsafe {
             libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
+            libc::_exit(code)
         }
     };
     use nix::sys::resource::{Resource, setrlimit};
     let _ = setrlimit(Resource::RLIMIT_NOFILE, c.limits.0, c.limits.0);
     let _ = setrlimit(Resource::RLIMIT_FSIZE, c.limits.1, c.limits.1);
     if let Err(e) = setup::enter_execution_namespace(c.userns, c.privileged) {
-        fail("credentials", &e);
+        fail(127, "credentials", &e);
     }
     if nix::unistd::chdir("/workspace").is_err() {
         let _ = nix::unistd::chdir("/");
     }
-    let dash_c = c"-c";
-    for shell in [c"/bin/bash", c"/bin/sh"] {
-        let argv = [shell, dash_c, c.program.as_c_str()];
-        let _ = nix::unistd::execve(shell, &argv, &c.envp);
+    match c.program {
+        Program::Shell(command) => {
+            let dash_c = c"-c";
+            for shell in [c"/bin/bash", c"/bin/sh"] {
+                let argv = [shell, dash_c, command.as_c_str()];
+                let _ = nix::unistd::execve(shell, &argv, &c.envp);
+            }
+            fail(127, "exec /bin/bash", &Errno::last())
+        }
+        Program::Argv(argv) => {
+            let name = argv[0].to_string_lossy().into_owned();
+            let error = exec_in_path(&argv, &c.envp);
+            // As a shell reports it: 127 for a program not found, 126 for one not executable.
+            let code = if matches!(error, Errno::ENOENT | Errno::ENOTDIR) {
+                127
+            } else {
+                126
+            };
+            fail(code, &format!("exec {name}"), &error)
+        }
     }
-    fail("exec /bin/bash", &Errno::last())
+}
+
+/// Executes `argv`, looking `argv[0]` up in the `PATH` of `envp` unless it contains a `/`, as
+/// `execvp` does (but with the execution's `PATH`, not the init's). Returns only on failure,
+/// with the most telling error (`EACCES` over "not found").
+fn exec_in_path(argv: &[CString], envp: &[CString]) -> Errno {
+    let program = argv[0].as_bytes();
+    if program.contains(&b'/') {
+        let Err(error) = nix::unistd::execve(&argv[0], argv, envp);
+        return error;
+    }
+    if program.is_empty() {
+        return Errno::ENOENT;
+    }
+    let path = envp
+        .iter()
+        .find_map(|e| e.as_bytes().strip_prefix(b"PATH="))
+        .unwrap_or(b"/usr/local/bin:/usr/bin:/bin");
+    let mut error = Errno::ENOENT;
+    for dir in path.split(|b| *b == b':') {
+        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let mut candidate = dir.to_vec();
+        candidate.push(b'/');
+        candidate.extend_from_slice(program);
+        let Ok(candidate) = CString::new(candidate) else {
+            continue;
+        };
+        let Err(failed) = nix::unistd::execve(&candidate, argv, envp);
+        match failed {
+            Errno::ENOENT | Errno::ENOTDIR => {}
+            other => error = other,
+        }
+    }
+    error
 }
