@@ -91,6 +91,12 @@ fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The executor is shared across tasks and its futures run on any of them.
+const _: fn() = || {
+    fn send<T: Send>(_: T) {}
+    send(NomadExecutor::connect(NomadConfig::default()));
+};
+
 impl NomadExecutor {
     /// Connects to the Nomad `config` names: checks the leader, opens the event stream (and
     /// waits for its first line), and reads the clean-shutdown marker of the data directory.
@@ -181,12 +187,15 @@ impl NomadExecutor {
             inner.stop.clone(),
             ready_tx,
         ));
-        let first_line = tokio::time::timeout(
-            inner.config.watchdog().max(Duration::from_secs(5)),
-            ready_rx.wait_for(|up| *up),
-        )
-        .await;
-        if !matches!(first_line, Ok(Ok(_))) {
+        let stream_up = matches!(
+            tokio::time::timeout(
+                inner.config.watchdog().max(Duration::from_secs(5)),
+                ready_rx.wait_for(|up| *up),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if !stream_up {
             inner.stop.cancel();
             return Err(NomadError::Unreachable(
                 "the event stream did not answer".into(),
