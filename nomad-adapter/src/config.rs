@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Configuration of [`crate::NomadExecutor`] (`nomad.*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct NomadConfig {
     /// Whether the Nomad backend is used (`nomad.enabled`).
     pub enabled: bool,
@@ -64,7 +64,7 @@ impl Default for NomadConfig {
 
 /// `nomad.tls`: HTTPS towards Nomad, optionally with a client certificate (mTLS).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct TlsConfig {
     /// Use HTTPS and WSS.
     pub active: bool,
@@ -78,7 +78,7 @@ pub struct TlsConfig {
 
 /// `nomad.network`: how runners with network access are connected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct NetworkConfig {
     /// The group network `mode` (`bridge` by default, as Poseidon).
     pub mode: String,

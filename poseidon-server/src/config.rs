@@ -107,16 +107,9 @@ impl Default for ServerConfig {
     }
 }
 
-/// `nomad`: accepted; the Nomad backend is not part of this build.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct NomadConfig {
-    /// Use the Nomad backend (default false here).
-    pub enabled: bool,
-    /// Other keys (`address`, `port`, `token`, `namespace`, `tls.*`, `network.*`, …).
-    #[serde(flatten)]
-    pub other: BTreeMap<String, figment::value::Value>,
-}
+/// `nomad`: the Nomad backend, with Poseidon's keys (`enabled` defaults to `false` here, so the
+/// embedded backend runs unless it is set).
+pub type NomadConfig = nomad_adapter::NomadConfig;
 
 /// `local`: the embedded backend.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -317,7 +310,7 @@ impl InfluxdbConfig {
 pub struct Config {
     /// HTTP server.
     pub server: ServerConfig,
-    /// Nomad backend (not available in this build).
+    /// The Nomad backend.
     pub nomad: NomadConfig,
     /// Embedded backend.
     pub local: LocalConfig,
@@ -397,7 +390,6 @@ impl Config {
         let sections = [
             ("", &self.ignored),
             ("server.", &self.server.ignored),
-            ("nomad.", &self.nomad.other),
             ("influxdb.", &self.influxdb.other),
             ("sentry.", &self.sentry),
         ];
@@ -413,10 +405,19 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.nomad.enabled {
-            return Err(invalid(
-                "nomad.enabled",
-                "the Nomad backend is not available yet; set it to false (the default) to use the embedded backend",
-            ));
+            if self.nomad.address.trim().is_empty() {
+                return Err(invalid(
+                    "nomad.address",
+                    "required when nomad.enabled is true",
+                ));
+            }
+            let tls = &self.nomad.tls;
+            if tls.certfile.is_empty() != tls.keyfile.is_empty() {
+                return Err(invalid(
+                    "nomad.tls",
+                    "certfile and keyfile must be given together (mTLS)",
+                ));
+            }
         }
         if self.server.address.parse::<IpAddr>().is_err() && self.server.address != "localhost" {
             return Err(invalid("server.address", "must be an IP address"));
@@ -677,6 +678,34 @@ mod tests {
     }
 
     #[test]
+    fn nomad_keys_are_poseidons_and_variables_override_them() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            f,
+            "nomad:\n  enabled: true\n  address: nomad.example\n  port: 4646\n  namespace: poseidon\n  disableforcepull: true\n  network:\n    mode: cni/secure-bridge\n  tls:\n    active: true\n    cafile: /ca.pem\n"
+        )
+        .expect("write");
+        let c = Config::load(
+            f.path(),
+            vars(&[
+                ("POSEIDON_NOMAD_PORT", "4747"),
+                ("POSEIDON_NOMAD_TOKEN", "secret"),
+            ]),
+        )
+        .expect("valid");
+        let n = &c.nomad;
+        assert!(c.nomad.enabled);
+        assert_eq!(n.address, "nomad.example");
+        assert_eq!(n.port, 4747);
+        assert_eq!(n.token, "secret");
+        assert_eq!(n.namespace, "poseidon");
+        assert!(n.disableforcepull);
+        assert_eq!(n.network.mode, "cni/secure-bridge");
+        assert!(n.tls.active);
+        assert_eq!(n.tls.cafile, "/ca.pem");
+    }
+
+    #[test]
     fn invalid_values_name_their_key() {
         let none = Path::new("/nonexistent.yaml");
         let msg = |v: &[(&str, &str)]| {
@@ -687,7 +716,14 @@ mod tests {
         };
         assert!(msg(&[("POSEIDON_SERVER_PORT", "abc")]).contains("server.port"));
         assert!(msg(&[("POSEIDON_SERVER_PORT", "70000")]).contains("server.port"));
-        assert!(msg(&[("POSEIDON_NOMAD_ENABLED", "true")]).contains("nomad.enabled"));
+        assert!(msg(&[("POSEIDON_NOMAD_PORT", "many")]).contains("nomad.port"));
+        assert!(
+            msg(&[
+                ("POSEIDON_NOMAD_ENABLED", "true"),
+                ("POSEIDON_NOMAD_TLS_CERTFILE", "/c.pem")
+            ])
+            .contains("nomad.tls")
+        );
         assert!(msg(&[("POSEIDON_LOGGER_LEVEL", "loud")]).contains("logger.level"));
         assert!(msg(&[("POSEIDON_SERVER_TLS_ACTIVE", "true")]).contains("server.tls.certfile"));
         assert!(msg(&[("POSEIDON_SERVER_BODYLIMIT", "-1")]).contains("server.bodylimit"));
@@ -747,8 +783,6 @@ mod tests {
             "profiling",
             "server.interactivestderr",
             "server.systemdsocketactivation",
-            "nomad.disableforcepull",
-            "nomad.network",
         ] {
             assert!(ignored.iter().any(|k| k == key), "{key} in {ignored:?}");
         }

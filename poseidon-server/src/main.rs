@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use local_adapter::LocalExecutor;
+use nomad_adapter::NomadExecutor;
 use poseidon_server::config::Config;
 use poseidon_server::serve::{self, TlsFiles};
 use poseidon_server::{AppState, app, metrics, systemd, telemetry};
@@ -68,12 +69,39 @@ fn main() -> ExitCode {
     }
 }
 
+/// Connects to Nomad, retrying with capped exponential backoff while it cannot be reached (the
+/// server serves only once its runners are recovered); a configuration Nomad cannot work with
+/// fails at once.
+async fn connect_nomad(settings: &nomad_adapter::NomadConfig) -> anyhow::Result<NomadExecutor> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match NomadExecutor::connect(settings.clone()).await {
+            Ok(executor) => return Ok(executor),
+            Err(e @ nomad_adapter::NomadError::Unreachable(_)) => {
+                tracing::warn!(error = %e, retry_in = ?delay, address = %settings.base_url(), "Nomad is not reachable yet");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = tokio::signal::ctrl_c() => anyhow::bail!("stopped while waiting for Nomad"),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e).context("connecting to Nomad"),
+        }
+    }
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     // Taken before anything starts child processes.
     let activated =
         systemd::activated_listener().context("taking the socket-activated listener")?;
     let mut local = None;
+    let mut nomad = None;
     let backend: Arc<dyn ExecutorApi> = match config.server.backend.as_str() {
+        _ if config.nomad.enabled => {
+            let executor = connect_nomad(&config.nomad).await?;
+            nomad = Some(executor.clone());
+            Arc::new(executor)
+        }
         "fake" => {
             tracing::warn!("using the in-memory fake backend: executions run nothing real");
             Arc::new(runner_core::fake::FakeExecutor::new())
@@ -175,6 +203,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     manager.shutdown().await;
     if let Some(local) = local {
         local.shutdown().await;
+    }
+    if let Some(nomad) = nomad
+        && let Err(e) = nomad.shutdown().await
+    {
+        tracing::warn!(error = %e, "recording the clean shutdown for the Nomad backend failed");
     }
     tracing::info!("stopped; runners stay for the next start");
     Ok(())
