@@ -1,12 +1,17 @@
-//! The adapter against the nomad-emulator's control plane (its HTTP API, scheduler, events and
-//! faults), with exec sessions run as host processes by `common::host_runtime`: registrations,
-//! readiness, the calls per claim and per execution, and every fault class of the brief.
+//! The adapter against the nomad-emulator (its HTTP API, scheduler, events and faults, with
+//! allocations run as local sandboxes): registrations, readiness, the calls per claim and per
+//! execution, and every fault class of the brief.
 
 mod common;
 
+#[ctor::ctor]
+fn sandbox_hook() {
+    local_adapter::sandbox_main_if_requested();
+}
+
 use std::time::Duration;
 
-use common::host_runtime::HostRuntime;
+use common::sandboxes::Sandboxes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use nomad_adapter::api::NomadApi;
@@ -21,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 struct Setup {
     emu: NomadEmulator,
+    _sandboxes: Sandboxes,
     backend: NomadExecutor,
     events: BoxStream<'static, BackendEvent>,
     backlog: Vec<BackendEvent>,
     config: NomadConfig,
     _data: tempfile::TempDir,
-    _work: tempfile::TempDir,
 }
 
 fn spec() -> EnvironmentSpec {
@@ -43,15 +48,14 @@ fn spec() -> EnvironmentSpec {
 
 async fn setup_with(emu_config: EmulatorConfig) -> Setup {
     common::init_tracing();
-    let emu = NomadEmulator::start(emu_config, HostRuntime::new())
+    let sandboxes = Sandboxes::start().await;
+    let emu = NomadEmulator::start(emu_config, sandboxes.runtime())
         .await
         .unwrap();
     let data = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
     let config = NomadConfig {
         address: emu.base_url(),
         datadir: data.path().to_path_buf(),
-        workdir: work.path().to_str().unwrap().into(),
         unprivilegedprefix: "setpriv --reuid=1000 --regid=1000 --clear-groups --".into(),
         heartbeatseconds: 0.5,
         registertimeoutseconds: 5.0,
@@ -62,12 +66,12 @@ async fn setup_with(emu_config: EmulatorConfig) -> Setup {
     backend.register_environment(&spec()).await.unwrap();
     Setup {
         emu,
+        _sandboxes: sandboxes,
         backend,
         events,
         backlog: Vec::new(),
         config,
         _data: data,
-        _work: work,
     }
 }
 

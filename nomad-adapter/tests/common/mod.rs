@@ -373,7 +373,7 @@ fn url_decode(query: &str) -> HashMap<String, String> {
 }
 
 /// Logs of the adapter in test output (`RUST_LOG`, default warn).
-pub mod host_runtime;
+pub mod sandboxes;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
