@@ -373,21 +373,19 @@ async fn http_faults_are_retried_and_a_slow_listing_blocks_no_execution() {
     c.delay_requests(
         Match::path("/v1/job/*/allocations"),
         Times(10),
-        Duration::from_secs(3),
+        Duration::from_secs(8),
     );
     let backend = s.backend.clone();
     let slow = tokio::spawn(async move { backend.load_runners(spec().id).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = std::time::Instant::now();
     let (out, _, end) = s.run(&r, "echo quick").await;
     assert_eq!(
         (out.as_str(), end),
         ("quick\r\n", Some(ExecutionEvent::Exit(0)))
     );
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "an execution waited for a slow listing: {:?}",
-        started.elapsed()
+        !slow.is_finished(),
+        "the execution waited for the slow listing"
     );
     let records = slow.await.unwrap().unwrap();
     assert_eq!(records.len(), 2);
