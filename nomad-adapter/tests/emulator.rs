@@ -47,6 +47,7 @@ fn spec() -> EnvironmentSpec {
 }
 
 async fn setup_with(emu_config: EmulatorConfig) -> Setup {
+    let token = emu_config.token.clone().unwrap_or_default();
     common::init_tracing();
     let sandboxes = Sandboxes::start().await;
     let emu = NomadEmulator::start(emu_config, sandboxes.runtime())
@@ -59,6 +60,7 @@ async fn setup_with(emu_config: EmulatorConfig) -> Setup {
         unprivilegedprefix: "setpriv --reuid=1000 --regid=1000 --clear-groups --".into(),
         heartbeatseconds: 0.5,
         registertimeoutseconds: 5.0,
+        token,
         ..NomadConfig::default()
     };
     let backend = NomadExecutor::connect(config.clone()).await.unwrap();
@@ -517,4 +519,36 @@ async fn an_exec_cut_before_its_exit_is_an_error_not_exit_0() {
         (out.as_str(), end),
         ("ok\r\n", Some(ExecutionEvent::Exit(0)))
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_goes_with_every_call_stream_and_exec() {
+    let mut s = setup_with(EmulatorConfig {
+        token: Some("s3cret".into()),
+        ..EmulatorConfig::for_tests()
+    })
+    .await;
+    let r = s.runner().await;
+    let (out, _, end) = s.run(&r, "echo authorised").await;
+    assert_eq!(
+        (out.as_str(), end),
+        ("authorised\r\n", Some(ExecutionEvent::Exit(0)))
+    );
+    let requests = s.emu.control().requests();
+    assert!(requests.iter().any(|r| r.path.ends_with("/exec")));
+    for r in &requests {
+        assert!(
+            r.headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("x-nomad-token") && v == "s3cret"),
+            "{} {} without the token",
+            r.method,
+            r.path
+        );
+    }
+    let wrong = NomadConfig {
+        token: "wrong".into(),
+        ..s.config.clone()
+    };
+    assert!(NomadExecutor::connect(wrong).await.is_err());
 }
