@@ -76,19 +76,76 @@ pub struct TlsConfig {
     pub keyfile: String,
 }
 
-/// `nomad.network`: how runners with network access are connected.
+/// `nomad.network`: the group network of runners with network access (Nomad's
+/// `NetworkResource`, as Poseidon's config carries it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct NetworkConfig {
     /// The group network `mode` (`bridge` by default, as Poseidon).
     pub mode: String,
+    /// `Device`, if set.
+    pub device: String,
+    /// `CIDR`, if set.
+    pub cidr: String,
+    /// `IP`, if set.
+    pub ip: String,
+    /// `Hostname`, if set.
+    pub hostname: String,
+    /// `MBits`, if set.
+    pub mbits: Option<u32>,
+    /// `DNS`, if set.
+    pub dns: Option<DnsConfig>,
+}
+
+/// `nomad.network.dns`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers.
+    pub servers: Vec<String>,
+    /// Search domains.
+    pub searches: Vec<String>,
+    /// resolv.conf options.
+    pub options: Vec<String>,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
             mode: "bridge".into(),
+            device: String::new(),
+            cidr: String::new(),
+            ip: String::new(),
+            hostname: String::new(),
+            mbits: None,
+            dns: None,
         }
+    }
+}
+
+impl NetworkConfig {
+    /// The group network object (without ports), Nomad's field names.
+    pub fn to_nomad(&self) -> serde_json::Value {
+        let mut n = serde_json::json!({ "Mode": self.mode });
+        for (key, value) in [
+            ("Device", &self.device),
+            ("CIDR", &self.cidr),
+            ("IP", &self.ip),
+            ("Hostname", &self.hostname),
+        ] {
+            if !value.is_empty() {
+                n[key] = serde_json::json!(value);
+            }
+        }
+        if let Some(mbits) = self.mbits {
+            n["MBits"] = serde_json::json!(mbits);
+        }
+        if let Some(dns) = &self.dns {
+            n["DNS"] = serde_json::json!({
+                "Servers": dns.servers, "Searches": dns.searches, "Options": dns.options
+            });
+        }
+        n
     }
 }
 
@@ -153,6 +210,14 @@ mod tests {
         assert_eq!(c.network.mode, "cni/secure-bridge");
         assert_eq!(c.namespace, "poseidon");
         assert_eq!(c.unprivileged_prefix(), ["/sbin/setuser", "user"]);
+        let c: NomadConfig = serde_json::from_value(serde_json::json!({
+            "network": {"mode": "bridge", "cidr": "10.0.0.0/8", "dns": {"servers": ["1.1.1.1"]}}
+        }))
+        .unwrap();
+        let n = c.network.to_nomad();
+        assert_eq!(n["CIDR"], "10.0.0.0/8");
+        assert_eq!(n["DNS"]["Servers"][0], "1.1.1.1");
+        assert!(n.get("Device").is_none());
     }
 
     #[test]

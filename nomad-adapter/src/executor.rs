@@ -155,7 +155,7 @@ impl NomadExecutor {
         }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let shape = JobShape {
-            network_mode: config.network.mode.clone(),
+            network: config.network.clone(),
             disable_force_pull: config.disableforcepull,
             ..JobShape::default()
         };

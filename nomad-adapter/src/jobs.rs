@@ -53,8 +53,8 @@ pub fn environment_of_runner(job_id: &str) -> Option<EnvironmentId> {
 /// How jobs are shaped for this installation.
 #[derive(Debug, Clone)]
 pub struct JobShape {
-    /// The group network mode for environments with network access.
-    pub network_mode: String,
+    /// The group network of environments with network access (its ports are added).
+    pub network: crate::config::NetworkConfig,
     /// Never set `force_pull`.
     pub disable_force_pull: bool,
     /// The datacenters jobs may run in.
@@ -64,7 +64,7 @@ pub struct JobShape {
 impl Default for JobShape {
     fn default() -> Self {
         Self {
-            network_mode: "bridge".into(),
+            network: crate::config::NetworkConfig::default(),
             disable_force_pull: false,
             datacenters: vec!["dc1".into()],
         }
@@ -111,10 +111,9 @@ impl JobShape {
                 .iter()
                 .map(|p| json!({"Label": p.to_string(), "To": p}))
                 .collect();
-            (
-                "",
-                json!([{"Mode": self.network_mode, "DynamicPorts": ports}]),
-            )
+            let mut network = self.network.to_nomad();
+            network["DynamicPorts"] = json!(ports);
+            ("", json!([network]))
         } else {
             ("none", json!([]))
         };
@@ -371,7 +370,10 @@ mod tests {
     #[test]
     fn network_access_gives_dynamic_ports_in_the_configured_mode() {
         let shape = JobShape {
-            network_mode: "cni/x".into(),
+            network: crate::config::NetworkConfig {
+                mode: "cni/x".into(),
+                ..crate::config::NetworkConfig::default()
+            },
             ..JobShape::default()
         };
         let job = shape.template(&spec(true));

@@ -17,6 +17,6 @@ pub mod tls;
 pub mod tracker;
 
 pub use api::{HttpNomadApi, NomadApi};
-pub use config::{NetworkConfig, NomadConfig, TlsConfig};
+pub use config::{DnsConfig, NetworkConfig, NomadConfig, TlsConfig};
 pub use error::{ApiError, NomadError};
 pub use executor::NomadExecutor;

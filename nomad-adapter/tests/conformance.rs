@@ -7,9 +7,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::sandboxes::Sandboxes;
 use nomad_adapter::{NomadConfig, NomadExecutor};
-use nomad_emulator::runtime::AllocationRuntime;
-use nomad_emulator::sandbox::{SandboxConfig, SandboxRuntime};
 use nomad_emulator::{EmulatorConfig, NomadEmulator};
 use runner_core::testkit::{Conformance, Ending, Subject, Unsupported};
 use runner_core::{EnvironmentId, EnvironmentSpec, ExecutorApi, RunnerId};
@@ -23,26 +22,18 @@ fn sandbox_hook() {
 /// instance running on it, with the adapter's data directory.
 struct Nomad {
     emulator: Option<NomadEmulator>,
-    runtime: SandboxRuntime,
     executor: Option<NomadExecutor>,
     config: NomadConfig,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    sandboxes: Option<Sandboxes>,
+    _data: tempfile::TempDir,
 }
 
 impl Nomad {
     async fn start() -> Self {
         common::init_tracing();
-        let sandboxes = tempfile::tempdir().unwrap();
+        let sandboxes = Sandboxes::start().await;
         let data = tempfile::tempdir().unwrap();
-        let mut sandbox = SandboxConfig::new(sandboxes.path());
-        sandbox.local.default_memory_mb = 256;
-        sandbox.local.max_processes = 128;
-        sandbox.local.disk_limit_mb = 64;
-        sandbox.local.network = None;
-        let runtime = SandboxRuntime::start(sandbox)
-            .await
-            .expect("the sandbox runtime");
-        let emulator = NomadEmulator::start(EmulatorConfig::for_tests(), Arc::new(runtime.clone()))
+        let emulator = NomadEmulator::start(EmulatorConfig::for_tests(), sandboxes.runtime())
             .await
             .expect("the emulator");
         let config = NomadConfig {
@@ -57,10 +48,10 @@ impl Nomad {
             .expect("connect the adapter");
         Self {
             emulator: Some(emulator),
-            runtime,
             executor: Some(executor),
             config,
-            _dirs: (sandboxes, data),
+            sandboxes: Some(sandboxes),
+            _data: data,
         }
     }
 
@@ -118,7 +109,6 @@ impl Drop for Nomad {
     fn drop(&mut self) {
         let executor = self.executor.take();
         let emulator = self.emulator.take();
-        let runtime = self.runtime.clone();
         let cleanup = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -129,13 +119,11 @@ impl Drop for Nomad {
                 if let Some(emulator) = emulator {
                     emulator.shutdown().await;
                 }
-                for alloc in runtime.surviving().await {
-                    runtime.stop(&alloc).await;
-                }
-                runtime.shutdown().await;
             });
         });
         let _ = cleanup.join();
+        // Then every sandbox is stopped.
+        drop(self.sandboxes.take());
     }
 }
 

@@ -308,3 +308,26 @@ async fn a_created_runner_knows_its_mapped_ports() {
             .starts_with("127.0.0.1:")
     );
 }
+
+#[tokio::test]
+async fn an_evaluation_the_stream_does_not_report_is_read_after_the_bounded_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::default();
+    let config = NomadConfig {
+        registertimeoutseconds: 0.3,
+        ..config(dir.path())
+    };
+    let backend = NomadExecutor::with_api(config, Arc::new(fake.clone()))
+        .await
+        .unwrap();
+    fake.state().silent_evals = true;
+    backend.register_environment(&spec()).await.unwrap();
+    assert_eq!(
+        fake.state().eval_reads,
+        1,
+        "one GET /v1/evaluation/:id after the wait"
+    );
+    let mut events = backend.events();
+    ready_runner(&backend, &mut events).await;
+    assert_eq!(fake.state().eval_reads, 2);
+}

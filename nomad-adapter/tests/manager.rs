@@ -4,11 +4,16 @@
 
 mod common;
 
+#[ctor::ctor]
+fn sandbox_hook() {
+    local_adapter::sandbox_main_if_requested();
+}
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::host_runtime::HostRuntime;
+use common::sandboxes::Sandboxes;
 use nomad_adapter::api::NomadApi;
 use nomad_adapter::{HttpNomadApi, NomadConfig, NomadExecutor};
 use nomad_emulator::{EmulatorConfig, NomadEmulator};
@@ -58,7 +63,8 @@ async fn converged(manager: &Arc<RunnerManager>, api: &HttpNomadApi, used: usize
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pool_converges_after_faults_and_no_runner_goes_to_two_clients() {
     common::init_tracing();
-    let emu = NomadEmulator::start(EmulatorConfig::for_tests(), HostRuntime::new())
+    let sandboxes = Sandboxes::start().await;
+    let emu = NomadEmulator::start(EmulatorConfig::for_tests(), sandboxes.runtime())
         .await
         .unwrap();
     let data = tempfile::tempdir().unwrap();
@@ -128,4 +134,5 @@ async fn the_pool_converges_after_faults_and_no_runner_goes_to_two_clients() {
     }
     converged(&manager, &api, 0, &[]).await;
     manager.shutdown().await;
+    drop(sandboxes);
 }

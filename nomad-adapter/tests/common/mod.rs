@@ -30,13 +30,22 @@ pub struct State {
     pub subscriptions: Vec<u64>,
     pub no_capacity: bool,
     pub registrations: usize,
+    /// Evaluation results are not streamed (only readable with `GET /v1/evaluation/:id`).
+    pub silent_evals: bool,
+    pub eval_reads: usize,
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct Fake(Arc<Mutex<State>>);
 
 impl State {
-    fn batch(&mut self, events: Vec<Value>) {
+    fn batch(&mut self, mut events: Vec<Value>) {
+        if self.silent_evals {
+            events.retain(|e| e["Topic"] != "Evaluation");
+            if events.is_empty() {
+                return;
+            }
+        }
         self.index += 1;
         let index = self.index;
         let events: Vec<Value> = events
@@ -165,8 +174,12 @@ impl NomadApi for Fake {
             .collect())
     }
 
-    async fn read_evaluation(&self, _id: &str) -> Result<Option<Value>, ApiError> {
-        Ok(None)
+    async fn read_evaluation(&self, id: &str) -> Result<Option<Value>, ApiError> {
+        let mut s = self.state();
+        s.eval_reads += 1;
+        Ok(Some(
+            json!({"ID": id, "Status": "complete", "FailedTGAllocs": null}),
+        ))
     }
 
     async fn leader(&self) -> Result<String, ApiError> {
@@ -373,7 +386,7 @@ fn url_decode(query: &str) -> HashMap<String, String> {
 }
 
 /// Logs of the adapter in test output (`RUST_LOG`, default warn).
-pub mod host_runtime;
+pub mod sandboxes;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
