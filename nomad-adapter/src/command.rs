@@ -5,7 +5,7 @@
 //! An execution runs as two exec sessions, as Poseidon's interactivestderr trick: the main one
 //! with a terminal (stdout on a PTY, echo, `\r\n`) whose stderr goes to a FIFO, and a second one
 //! *without* a terminal that creates the FIFO and `cat`s it, so stderr arrives apart and with
-//! plain `\n`. Both carry an environment marker `POSEIDON_EXEC=<id>`, inherited by everything
+//! plain `\n`. Both carry an environment marker `EXECUTION_ID=<id>`, inherited by everything
 //! the command starts; cancelling runs a third exec that SIGKILLs every process carrying the
 //! marker (found through `/proc/*/environ`), so the whole tree dies even when it left the
 //! process group or session, and even though Nomad (docker exec) keeps a process alive when its
@@ -58,12 +58,12 @@ pub fn execution(
             + " "
     };
     let main = format!(
-        "unset ${{!NOMAD_@}}; export POSEIDON_EXEC={id}; \
+        "unset ${{!NOMAD_@}}; export EXECUTION_ID={id}; \
          n=0; until [ -p {fifo} ]; do n=$((n+1)); [ $n -gt 3000 ] && exit 125; sleep 0.01; done; \
          exec 2>{fifo}; exec {prefix}{user}"
     );
     let stderr = format!(
-        "unset ${{!NOMAD_@}}; export POSEIDON_EXEC={id}; \
+        "unset ${{!NOMAD_@}}; export EXECUTION_ID={id}; \
          mkfifo -m 0600 {fifo} && cat {fifo}; rm -f {fifo}"
     );
     ExecutionCommands {
@@ -73,13 +73,13 @@ pub fn execution(
     }
 }
 
-/// Kills every process whose environment holds `POSEIDON_EXEC=<id>` (three sweeps, to catch
+/// Kills every process whose environment holds `EXECUTION_ID=<id>` (three sweeps, to catch
 /// processes forked during a sweep), then removes `fifo`.
 fn kill_script(id: &str, fifo: &str) -> String {
     format!(
         "for sweep in 1 2 3; do for p in /proc/[0-9]*; do pid=${{p#/proc/}}; \
          [ \"$pid\" = \"$$\" ] && continue; \
-         grep -qz '^POSEIDON_EXEC={id}$' \"$p/environ\" 2>/dev/null && kill -9 \"$pid\" 2>/dev/null; \
+         grep -qz '^EXECUTION_ID={id}$' \"$p/environ\" 2>/dev/null && kill -9 \"$pid\" 2>/dev/null; \
          done; done; rm -f {fifo}; true"
     )
 }
@@ -182,11 +182,11 @@ mod tests {
         r.environment.insert("A".into(), "x y'z".into());
         let c = execution(&r, "abc", &["/sbin/setuser".into(), "user".into()]);
         assert_eq!(&c.main[..2], ["/bin/bash", "-c"]);
-        assert!(c.main[2].contains("export POSEIDON_EXEC=abc"));
+        assert!(c.main[2].contains("export EXECUTION_ID=abc"));
         assert!(c.main[2].contains("exec 2>/tmp/.poseidon-stderr-abc"));
         assert!(c.main[2].contains("exec '/sbin/setuser' 'user' env CODEOCEAN=true 'A=x y'\\''z'"));
         assert!(c.stderr[2].contains("mkfifo -m 0600 /tmp/.poseidon-stderr-abc"));
-        assert!(c.kill[2].contains("POSEIDON_EXEC=abc$"));
+        assert!(c.kill[2].contains("EXECUTION_ID=abc$"));
         r.privileged_execution = true;
         let c = execution(&r, "abc", &["/sbin/setuser".into(), "user".into()]);
         assert!(!c.main[2].contains("setuser"));

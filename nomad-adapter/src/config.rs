@@ -99,7 +99,7 @@ pub struct NetworkConfig {
 
 /// `nomad.network.dns`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct DnsConfig {
     /// Name servers.
     pub servers: Vec<String>,

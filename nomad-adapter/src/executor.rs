@@ -129,17 +129,6 @@ impl NomadExecutor {
             }
             Err(_) => (false, HashMap::new()),
         };
-        // From now on a crash leaves no marker.
-        match std::fs::remove_file(&marker) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(NomadError::DataDir {
-                    path: marker,
-                    source,
-                });
-            }
-        }
         let mut leader = Backoff::new(BackoffPolicy {
             initial: Duration::from_millis(200),
             max: Duration::from_secs(2),
@@ -209,6 +198,18 @@ impl NomadExecutor {
             .map_err(|e| NomadError::Unreachable(e.to_string()))?;
         let deferred = lock(&executor.inner.tracker).environments_loaded();
         executor.inner.perform(deferred);
+        // From now on a crash leaves no marker. Removed only once connected: a connection that
+        // failed (and is retried) must not cost the next attempt its clean start.
+        match std::fs::remove_file(&executor.inner.marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(NomadError::DataDir {
+                    path: executor.inner.marker.clone(),
+                    source,
+                });
+            }
+        }
         info!(clean_start, "connected to nomad");
         Ok(executor)
     }

@@ -64,7 +64,7 @@ fn the_kill_sweep_ends_the_whole_tree_also_children_in_their_own_session() {
                 std::fs::read(e.path().join("environ"))
                     .map(|env| {
                         env.split(|b| *b == 0)
-                            .any(|v| v == format!("POSEIDON_EXEC={id}").as_bytes())
+                            .any(|v| v == format!("EXECUTION_ID={id}").as_bytes())
                     })
                     .unwrap_or(false)
             })
