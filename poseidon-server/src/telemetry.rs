@@ -307,6 +307,43 @@ mod tests {
     }
 
     #[test]
+    fn warnings_become_events_tagged_with_the_ids_of_their_spans() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let events = sentry::test::with_captured_events(|| {
+            let subscriber = tracing_subscriber::registry()
+                .with(IdFieldsLayer)
+                .with(sentry_layer());
+            tracing::subscriber::with_default(subscriber, || {
+                let request = tracing::info_span!(
+                    "request",
+                    request_id = "r-1",
+                    runner_id = tracing::field::Empty
+                );
+                request.record("runner_id", "0-outer");
+                let _request = request.enter();
+                let execution = tracing::info_span!(
+                    "execution",
+                    runner_id = "0-abc",
+                    environment_id = 12_u64,
+                    execution_id = %"e-7"
+                );
+                let _execution = execution.enter();
+                tracing::info!("a breadcrumb, not an event");
+                tracing::warn!(error = "boom", "the execution could not be started");
+                tracing::debug!("ignored");
+            });
+        });
+        assert_eq!(events.len(), 1, "{events:?}");
+        let tags = &events[0].tags;
+        assert_eq!(tags.get("runner_id").map(String::as_str), Some("0-abc"));
+        assert_eq!(tags.get("environment_id").map(String::as_str), Some("12"));
+        assert_eq!(tags.get("execution_id").map(String::as_str), Some("e-7"));
+        assert_eq!(tags.get("request_id").map(String::as_str), Some("r-1"));
+        assert_eq!(events[0].level, sentry::Level::Warning);
+        assert_eq!(events[0].breadcrumbs.len(), 1);
+    }
+
+    #[test]
     fn ids_of_an_event_win_over_those_of_its_spans() {
         let mut event = IdFields {
             runner_id: Some("0-a".into()),
