@@ -11,7 +11,7 @@ use clap::Parser;
 use local_adapter::LocalExecutor;
 use poseidon_server::config::Config;
 use poseidon_server::metrics::Metrics;
-use poseidon_server::observe::{InstrumentedExecutor, ServerObserver};
+use poseidon_server::observe::{InstrumentedExecutor, ServerObserver, StoreObserver};
 use poseidon_server::serve::{self, TlsFiles};
 use poseidon_server::{AppState, app, metrics, systemd, telemetry};
 use runner_core::{EnvironmentId, EnvironmentSpec, ExecutorApi, Manager, RunnerManager};
@@ -107,6 +107,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Metrics exist before the manager: its observer and the instrumented backend record into
     // the registry `/metrics` renders.
     let metrics = Arc::new(Metrics::new());
+    if let Some(local) = &local {
+        local.observe_store_writes(Arc::new(StoreObserver::new(metrics.clone())));
+    }
     let backend_name = backend_label(&config);
     let backend: Arc<dyn ExecutorApi> = Arc::new(InstrumentedExecutor::new(
         backend,

@@ -94,6 +94,7 @@ struct CreationFailureLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StoreLabels {
     operation: &'static str,
+    durability: &'static str,
 }
 
 type DurationFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
@@ -238,7 +239,7 @@ impl Metrics {
             HistogramFamily::new_with_constructor(call_histogram as fn() -> Histogram);
         registry.register(
             "store_write_duration_seconds",
-            "Duration of writes to the local backend's state store, by operation",
+            "Duration of writes to the local backend's state store, by operation and durability",
             store_writes.clone(),
         );
         Self {
@@ -333,9 +334,13 @@ impl Metrics {
     }
 
     /// Records one write to the state store.
-    pub fn store_write(&self, operation: &'static str, took: Duration) {
+    pub fn store_write(&self, operation: &'static str, durable: bool, took: Duration) {
+        let durability = if durable { "durable" } else { "eventual" };
         self.store_writes
-            .get_or_create(&StoreLabels { operation })
+            .get_or_create(&StoreLabels {
+                operation,
+                durability,
+            })
             .observe(took.as_secs_f64());
     }
 

@@ -262,3 +262,23 @@ impl<E: ExecutorApi + ?Sized> ExecutorApi for InstrumentedExecutor<E> {
         self.inner.events()
     }
 }
+
+/// Records the local backend's state store writes into [`Metrics`]
+/// (`store_write_duration_seconds`).
+#[derive(Debug)]
+pub struct StoreObserver {
+    metrics: Arc<Metrics>,
+}
+
+impl StoreObserver {
+    /// An observer recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl storage::WriteObserver for StoreObserver {
+    fn write_committed(&self, operation: &'static str, durable: bool, took: Duration) {
+        self.metrics.store_write(operation, durable, took);
+    }
+}

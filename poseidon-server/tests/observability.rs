@@ -5,10 +5,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::observe::{
+    LOCAL_BACKEND_ONLY, Scrape, deploy_expressions, metric_names, referenced_metrics,
+};
 use common::{TOKEN, TestServer, connect, read_all, run};
 use poseidon_server::metrics::Metrics;
 use poseidon_server::observe::{InstrumentedExecutor, ServerObserver};
@@ -67,57 +70,6 @@ async fn start_observed() -> TestServer {
         client,
         shutdown: Some(tx),
         served,
-    }
-}
-
-/// One scrape of `/metrics`: samples by name, each with its labels.
-#[derive(Debug, Default)]
-struct Scrape {
-    samples: Vec<(String, BTreeMap<String, String>, f64)>,
-}
-
-impl Scrape {
-    fn parse(text: &str) -> Self {
-        let mut samples = Vec::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (series, value) = line.rsplit_once(' ').expect("sample line");
-            let value: f64 = value.parse().expect("sample value");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|l| !l.is_empty())
-                .map(|l| {
-                    let (k, v) = l.split_once('=').expect("label");
-                    (k.to_string(), v.trim_matches('"').to_string())
-                })
-                .collect();
-            samples.push((name.to_string(), labels, value));
-        }
-        Self { samples }
-    }
-
-    /// The sum of the samples of `name` whose labels include `labels` (0 when there is none).
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(n, l, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, _, v)| v)
-            .sum()
-    }
-
-    fn names(&self) -> BTreeSet<String> {
-        self.samples.iter().map(|(n, _, _)| n.clone()).collect()
     }
 }
 
@@ -386,81 +338,17 @@ async fn the_request_id_is_echoed_or_made() {
     assert_ne!(other, made, "every request gets its own id");
 }
 
-/// The metric names a PromQL expression uses: identifiers starting with `poseidon_`.
-fn metric_names(expression: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = expression;
-    while let Some(at) = rest.find("poseidon_") {
-        let preceded = rest[..at]
-            .chars()
-            .next_back()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-        let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-            .unwrap_or(tail.len());
-        if !preceded {
-            names.insert(tail[..end].to_string());
-        }
-        rest = &tail[end..];
-    }
-    names
-}
-
-fn deploy_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Every `expr` of the Grafana dashboard's panels and of the Prometheus rules.
-fn deploy_expressions() -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(deploy_dir().join("grafana/poseidon-dashboard.json"))
-            .expect("dashboard"),
-    )
-    .expect("dashboard JSON");
-    fn walk(value: &serde_json::Value, out: &mut Vec<(String, String)>) {
-        match value {
-            serde_json::Value::Object(map) => {
-                if let Some(serde_json::Value::String(expr)) = map.get("expr") {
-                    out.push(("dashboard".into(), expr.clone()));
-                }
-                map.values().for_each(|v| walk(v, out));
-            }
-            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
-            _ => {}
-        }
-    }
-    walk(&dashboard, &mut out);
-    let rules: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(deploy_dir().join("prometheus/poseidon-alerts.yml"))
-            .expect("rules"),
-    )
-    .expect("rules YAML");
-    for group in rules["groups"].as_sequence().expect("groups") {
-        for rule in group["rules"].as_sequence().expect("rules") {
-            let name = rule["alert"].as_str().expect("alert name");
-            let expr = rule["expr"].as_str().expect("expr");
-            out.push((format!("alert {name}"), expr.to_string()));
-        }
-    }
-    out
-}
-
 fn assert_deploy_files_reference_only(exported: &BTreeSet<String>) {
-    let expressions = deploy_expressions();
-    assert!(expressions.len() >= 10, "{expressions:?}");
-    let mut referenced = BTreeSet::new();
-    for (source, expr) in &expressions {
-        let names = metric_names(expr);
-        assert!(!names.is_empty(), "{source}: no metric in {expr}");
-        for name in names {
-            assert!(
-                exported.contains(&name),
-                "{source} references {name}, which the server does not export: {exported:?}"
-            );
-            referenced.insert(name);
+    assert!(deploy_expressions().len() >= 10);
+    let referenced = referenced_metrics();
+    for (name, sources) in &referenced {
+        if LOCAL_BACKEND_ONLY.contains(&name.as_str()) {
+            continue;
         }
+        assert!(
+            exported.contains(name),
+            "{sources:?} reference {name}, which the server does not export: {exported:?}"
+        );
     }
     // The dashboard covers pools, claims, executions, start-up latency, destroy reasons and
     // errors.
@@ -473,7 +361,7 @@ fn assert_deploy_files_reference_only(exported: &BTreeSet<String>) {
         "poseidon_backend_call_errors_total",
         "poseidon_runner_creation_failures_total",
     ] {
-        assert!(referenced.contains(needed), "nothing shows {needed}");
+        assert!(referenced.contains_key(needed), "nothing shows {needed}");
     }
 }
 
