@@ -602,6 +602,12 @@ impl LocalExecutor {
         let _ = rx.wait_for(|running| *running == 0).await;
     }
 
+    /// Reports every committed write of the backend's state store from now on to `observer`
+    /// (e.g. a latency metric); `false` when an observer is already set.
+    pub fn observe_store_writes(&self, observer: Arc<dyn storage::WriteObserver>) -> bool {
+        self.inner.store.set_write_observer(observer)
+    }
+
     /// The runner's network namespace (`/proc/<init pid>/ns/net`), owned by the host's root, for
     /// the networking layer to connect; `None` for an unknown runner.
     pub fn network_namespace(&self, id: &RunnerId) -> Option<PathBuf> {

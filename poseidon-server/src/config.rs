@@ -304,6 +304,60 @@ impl InfluxdbConfig {
     }
 }
 
+/// `sentry`: error and performance reporting (Poseidon's keys, sentry-go's `ClientOptions`);
+/// an empty `dsn` disables it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SentryConfig {
+    /// Where events go, e.g. `https://key@sentry.example.org/1`; empty disables Sentry.
+    pub dsn: String,
+    /// The environment events are filed under (e.g. `production`).
+    pub environment: String,
+    /// The release events are filed under; also what `/version` answers.
+    pub release: String,
+    /// Share of request transactions sent to Sentry, in [0, 1].
+    pub tracessamplerate: f64,
+    /// Attach stack traces to events.
+    pub attachstacktrace: bool,
+    /// Sentry's own debug output on stderr.
+    pub debug: bool,
+    /// Other keys (`enabletracing`, `profilessamplerate`, …), accepted for compatibility.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, figment::value::Value>,
+}
+
+impl Default for SentryConfig {
+    fn default() -> Self {
+        Self {
+            dsn: String::new(),
+            environment: String::new(),
+            release: String::new(),
+            tracessamplerate: 0.0,
+            attachstacktrace: true,
+            debug: false,
+            other: BTreeMap::new(),
+        }
+    }
+}
+
+impl SentryConfig {
+    /// The Sentry client's settings; `None` when no DSN is set.
+    pub fn settings(&self) -> Option<crate::telemetry::SentrySettings> {
+        if self.dsn.is_empty() {
+            return None;
+        }
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Some(crate::telemetry::SentrySettings {
+            dsn: self.dsn.clone(),
+            environment: non_empty(&self.environment),
+            release: non_empty(&self.release),
+            traces_sample_rate: self.tracessamplerate as f32,
+            attach_stacktrace: self.attachstacktrace,
+            debug: self.debug,
+        })
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -320,8 +374,8 @@ pub struct Config {
     pub logger: LoggerConfig,
     /// InfluxDB metrics export.
     pub influxdb: InfluxdbConfig,
-    /// Sentry (accepted; `sentry.release` feeds `/version`).
-    pub sentry: BTreeMap<String, figment::value::Value>,
+    /// Sentry (`sentry.release` also feeds `/version`).
+    pub sentry: SentryConfig,
     /// Environments created at start-up when they do not exist yet.
     #[serde(deserialize_with = "null_as_default")]
     pub environments: Vec<ExecutionEnvironment>,
@@ -384,19 +438,17 @@ impl Config {
     }
 
     /// The keys present in the configuration that this server does not use, as dotted paths
-    /// (`aws`, `server.interactivestderr`, …), sorted. `sentry.release` is used (by `/version`);
-    /// the other `sentry` keys are not.
+    /// (`aws`, `server.interactivestderr`, `sentry.profilessamplerate`, …), sorted.
     pub fn ignored_keys(&self) -> Vec<String> {
         let sections = [
             ("", &self.ignored),
             ("server.", &self.server.ignored),
             ("influxdb.", &self.influxdb.other),
-            ("sentry.", &self.sentry),
+            ("sentry.", &self.sentry.other),
         ];
         let mut keys: Vec<String> = sections
             .into_iter()
             .flat_map(|(prefix, map)| map.keys().map(move |k| format!("{prefix}{k}")))
-            .filter(|k| k != "sentry.release")
             .collect();
         keys.sort();
         keys
@@ -523,6 +575,15 @@ impl Config {
             )
             .map_err(|e| invalid("influxdb.url", e))?;
         }
+        if !self.sentry.dsn.is_empty() {
+            self.sentry
+                .dsn
+                .parse::<sentry::types::Dsn>()
+                .map_err(|e| invalid("sentry.dsn", e))?;
+        }
+        if !(0.0..=1.0).contains(&self.sentry.tracessamplerate) {
+            return Err(invalid("sentry.tracessamplerate", "must be in [0, 1]"));
+        }
         crate::telemetry::level_filter(&self.logger.level)
             .map_err(|e| invalid("logger.level", e))?;
         crate::telemetry::Format::parse(&self.logger.formatter)
@@ -579,11 +640,11 @@ impl Config {
 
     /// What `/version` answers: `sentry.release`, else this crate's version.
     pub fn release(&self) -> String {
-        self.sentry
-            .get("release")
-            .and_then(|v| v.as_str())
-            .filter(|s| !s.is_empty())
-            .map_or_else(|| env!("CARGO_PKG_VERSION").to_string(), str::to_string)
+        if self.sentry.release.is_empty() {
+            env!("CARGO_PKG_VERSION").to_string()
+        } else {
+            self.sentry.release.clone()
+        }
     }
 
     /// `server.maxconnections` as a count (validated to fit).
@@ -773,7 +834,7 @@ mod tests {
         ));
         let c = Config::load(file, vars(&[])).expect("Poseidon's shape loads");
         assert!(c.influxdb.writer_config().is_none());
-        assert!(c.sentry.is_empty());
+        assert!(c.sentry.settings().is_none());
         assert_eq!(c.release(), env!("CARGO_PKG_VERSION"));
         assert!(!c.server.tls.active);
         assert_eq!(c.server.alert.prewarmingpoolreloadtimeout, 300);
@@ -836,5 +897,43 @@ mod tests {
         writeln!(bad, "local:\n  network:\n    portrange: 50000-40000\n").expect("write");
         let err = Config::load(bad.path(), vars(&[])).expect_err("inverted range");
         assert!(err.to_string().contains("local.network"), "{err}");
+    }
+
+    #[test]
+    fn sentry_keys_come_from_file_and_environment() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            f,
+            "sentry:\n  dsn: http://key@127.0.0.1:9/1\n  environment: staging\n  release: r7\n  profilessamplerate: 0.5\n"
+        )
+        .expect("write");
+        let c = Config::load(
+            f.path(),
+            vars(&[("POSEIDON_SENTRY_TRACESSAMPLERATE", "0.25")]),
+        )
+        .expect("valid");
+        let s = c.sentry.settings().expect("enabled");
+        assert_eq!(s.dsn, "http://key@127.0.0.1:9/1");
+        assert_eq!(s.environment.as_deref(), Some("staging"));
+        assert_eq!(s.release.as_deref(), Some("r7"));
+        assert!((s.traces_sample_rate - 0.25).abs() < f32::EPSILON);
+        assert!(s.attach_stacktrace);
+        assert_eq!(c.release(), "r7");
+        assert_eq!(
+            c.ignored_keys(),
+            vec!["sentry.profilessamplerate".to_string()]
+        );
+
+        let none = Path::new("/nonexistent.yaml");
+        let msg = |v: &[(&str, &str)]| {
+            Config::load(none, vars(v))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(msg(&[("POSEIDON_SENTRY_DSN", "not a dsn")]).contains("sentry.dsn"));
+        assert!(
+            msg(&[("POSEIDON_SENTRY_TRACESSAMPLERATE", "2")]).contains("sentry.tracessamplerate")
+        );
     }
 }

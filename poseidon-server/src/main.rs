@@ -11,6 +11,8 @@ use clap::Parser;
 use local_adapter::LocalExecutor;
 use nomad_adapter::NomadExecutor;
 use poseidon_server::config::Config;
+use poseidon_server::metrics::Metrics;
+use poseidon_server::observe::{InstrumentedExecutor, ServerObserver, StoreObserver};
 use poseidon_server::serve::{self, TlsFiles};
 use poseidon_server::{AppState, app, metrics, systemd, telemetry};
 use runner_core::{EnvironmentId, EnvironmentSpec, ExecutorApi, Manager, RunnerManager};
@@ -44,7 +46,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&config.logger.level, &config.logger.formatter);
+    let sentry = config.sentry.settings();
+    let _telemetry = telemetry::init_with(
+        &config.logger.level,
+        &config.logger.formatter,
+        sentry.as_ref(),
+    );
     let ignored = config.ignored_keys();
     if !ignored.is_empty() {
         tracing::info!(
@@ -119,7 +126,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Arc::new(executor)
         }
     };
-    let manager = RunnerManager::new(backend, config.manager_config());
+    let influx = match config.influxdb.writer_config() {
+        Some(writer) => {
+            Some(monitoring::InfluxWriter::start(writer).context("starting the InfluxDB writer")?)
+        }
+        None => None,
+    };
+    // Metrics exist before the manager: its observer and the instrumented backend record into
+    // the registry `/metrics` renders.
+    let metrics = Arc::new(Metrics::new());
+    if let Some(local) = &local {
+        local.observe_store_writes(Arc::new(StoreObserver::new(metrics.clone())));
+    }
+    let backend_name = backend_label(&config);
+    let backend: Arc<dyn ExecutorApi> = Arc::new(InstrumentedExecutor::new(
+        backend,
+        metrics.clone(),
+        backend_name,
+    ));
+    let observer = ServerObserver::new(metrics.clone(), backend_name, influx.clone());
+    let manager =
+        RunnerManager::with_observer(backend, config.manager_config(), Arc::new(observer));
     let report = manager
         .recover()
         .await
@@ -161,13 +188,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let influx = match config.influxdb.writer_config() {
-        Some(writer) => {
-            Some(monitoring::InfluxWriter::start(writer).context("starting the InfluxDB writer")?)
-        }
-        None => None,
-    };
-    let state = AppState::with_influx(manager.clone(), config.api_settings(bound), influx.clone());
+    let state = AppState::with_metrics(
+        manager.clone(),
+        config.api_settings(bound),
+        influx.clone(),
+        metrics,
+    );
     for (id, stats) in manager.statistics() {
         state.write_point(metrics::pool_size_point(id, stats.prewarming_pool_size));
     }
@@ -211,4 +237,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped; runners stay for the next start");
     Ok(())
+}
+
+/// The `backend` label of backend metrics.
+fn backend_label(config: &Config) -> &'static str {
+    match config.server.backend.as_str() {
+        _ if config.nomad.enabled => "nomad",
+        "fake" => "fake",
+        _ => "local",
+    }
 }

@@ -1,6 +1,12 @@
 //! Prometheus metrics at `GET /metrics`: request durations by route and status (a middleware
-//! layer), runner counts per environment (read from the manager at scrape time), and how
-//! execution streams ended.
+//! layer), runner counts per environment (read from the manager at scrape time), how execution
+//! streams ended, and what [`crate::observe`] records (runner start-ups, destructions by reason,
+//! executions by outcome, backend calls, failed creations, open WebSocket connections).
+//!
+//! Every label set is bounded: environment ids (as many as the operator's environments), fixed
+//! sets of reasons, outcomes, operations and error kinds; never a runner or execution id.
+//! Updates on hot paths are a read-locked map lookup with a label set that borrows or copies
+//! (no allocation) and an atomic operation.
 //!
 //! The same middleware writes Poseidon's InfluxDB points (design §6) when `influxdb.url` is set:
 //! per request `poseidon_<routeName>` with field `duration` (ns) and tag `status` (runner routes
@@ -44,10 +50,73 @@ struct StreamLabels {
     end: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StartupLabels {
+    environment_id: u64,
+    backend: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ExecutionLabels {
+    environment_id: u64,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendCallLabels {
+    backend: &'static str,
+    operation: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendErrorLabels {
+    backend: &'static str,
+    operation: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CreationFailureLabels {
+    environment_id: u64,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StoreLabels {
+    operation: &'static str,
+    durability: &'static str,
+}
+
 type DurationFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 4.0, 10))
+}
+
+/// 1 ms to about 9 minutes: runner start-ups (local: milliseconds; Nomad: seconds to minutes).
+fn startup_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 3.0, 13))
+}
+
+/// 1 ms to about 35 minutes: executions (a `sleep infinity` ends with its runner's timeout).
+fn execution_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 12))
+}
+
+/// 100 µs to about 26 s: backend calls and store writes.
+fn call_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 4.0, 10))
 }
 
 /// The server's metrics and their registry.
@@ -59,7 +128,17 @@ pub struct Metrics {
     used: Family<EnvironmentLabels, Gauge>,
     pool: Family<EnvironmentLabels, Gauge>,
     creation_failed: Family<EnvironmentLabels, Gauge>,
+    pending: Family<EnvironmentLabels, Gauge>,
     streams: Family<StreamLabels, Counter>,
+    startup: HistogramFamily<StartupLabels>,
+    destroyed: Family<ReasonLabels, Counter>,
+    executions: Family<ExecutionLabels, Counter>,
+    execution_duration: HistogramFamily<OutcomeLabels>,
+    backend_calls: HistogramFamily<BackendCallLabels>,
+    backend_errors: Family<BackendErrorLabels, Counter>,
+    creation_failures: Family<CreationFailureLabels, Counter>,
+    websockets: Gauge,
+    store_writes: HistogramFamily<StoreLabels>,
 }
 
 impl Default for Metrics {
@@ -100,6 +179,69 @@ impl Metrics {
             "Execution streams by how they ended",
             streams.clone(),
         );
+        let pending = Family::default();
+        registry.register(
+            "pending_runners",
+            "Runner creations under way (requested, or accepted and not yet ready) per environment",
+            pending.clone(),
+        );
+        let startup = HistogramFamily::new_with_constructor(startup_histogram as fn() -> Histogram);
+        registry.register(
+            "runner_startup_duration_seconds",
+            "Time from a runner's creation request until it can execute commands",
+            startup.clone(),
+        );
+        let destroyed = Family::default();
+        registry.register(
+            "runners_destroyed",
+            "Runners destroyed (or lost by the backend), by reason",
+            destroyed.clone(),
+        );
+        let executions = Family::default();
+        registry.register(
+            "executions",
+            "Executions ended, by environment and outcome",
+            executions.clone(),
+        );
+        let execution_duration =
+            HistogramFamily::new_with_constructor(execution_histogram as fn() -> Histogram);
+        registry.register(
+            "execution_duration_seconds",
+            "Time from an execution's start until its end, by outcome",
+            execution_duration.clone(),
+        );
+        let backend_calls =
+            HistogramFamily::new_with_constructor(call_histogram as fn() -> Histogram);
+        registry.register(
+            "backend_call_duration_seconds",
+            "Duration of calls to the runner backend, by backend and operation",
+            backend_calls.clone(),
+        );
+        let backend_errors = Family::default();
+        registry.register(
+            "backend_call_errors",
+            "Failed calls to the runner backend, by backend, operation and error kind",
+            backend_errors.clone(),
+        );
+        let creation_failures = Family::default();
+        registry.register(
+            "runner_creation_failures",
+            "Failed runner creations of the refill loop, by environment and error kind",
+            creation_failures.clone(),
+        );
+        let websockets = Gauge::default();
+        registry.register(
+            "websocket_connections",
+            "Open execution WebSocket connections",
+            websockets.clone(),
+        );
+        let store_writes =
+            HistogramFamily::new_with_constructor(call_histogram as fn() -> Histogram);
+        registry.register(
+            "store_write_duration_seconds",
+            "Duration of writes to the local backend's state store, by operation and durability",
+            store_writes.clone(),
+        );
         Self {
             registry,
             durations,
@@ -107,7 +249,106 @@ impl Metrics {
             used,
             pool,
             creation_failed,
+            pending,
             streams,
+            startup,
+            destroyed,
+            executions,
+            execution_duration,
+            backend_calls,
+            backend_errors,
+            creation_failures,
+            websockets,
+            store_writes,
+        }
+    }
+
+    /// Records a runner's start-up duration.
+    pub fn runner_started(
+        &self,
+        environment: EnvironmentId,
+        backend: &'static str,
+        startup: Duration,
+    ) {
+        self.startup
+            .get_or_create(&StartupLabels {
+                environment_id: environment.get(),
+                backend,
+            })
+            .observe(startup.as_secs_f64());
+    }
+
+    /// Counts a runner destruction by its reason's label.
+    pub fn runner_destroyed(&self, reason: &'static str) {
+        self.destroyed.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts an ended execution and records its duration.
+    pub fn execution_finished(
+        &self,
+        environment: EnvironmentId,
+        outcome: &'static str,
+        duration: Duration,
+    ) {
+        self.executions
+            .get_or_create(&ExecutionLabels {
+                environment_id: environment.get(),
+                outcome,
+            })
+            .inc();
+        self.execution_duration
+            .get_or_create(&OutcomeLabels { outcome })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Records one backend call; `error` is the failed call's error kind.
+    pub fn backend_call(
+        &self,
+        backend: &'static str,
+        operation: &'static str,
+        took: Duration,
+        error: Option<&'static str>,
+    ) {
+        self.backend_calls
+            .get_or_create(&BackendCallLabels { backend, operation })
+            .observe(took.as_secs_f64());
+        if let Some(kind) = error {
+            self.backend_errors
+                .get_or_create(&BackendErrorLabels {
+                    backend,
+                    operation,
+                    kind,
+                })
+                .inc();
+        }
+    }
+
+    /// Counts a failed runner creation of the refill loop.
+    pub fn creation_failed(&self, environment: EnvironmentId, kind: &'static str) {
+        self.creation_failures
+            .get_or_create(&CreationFailureLabels {
+                environment_id: environment.get(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Records one write to the state store.
+    pub fn store_write(&self, operation: &'static str, durable: bool, took: Duration) {
+        let durability = if durable { "durable" } else { "eventual" };
+        self.store_writes
+            .get_or_create(&StoreLabels {
+                operation,
+                durability,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts an execution WebSocket as open until the returned guard is dropped.
+    pub fn websocket_opened(self: &Arc<Self>) -> WebSocketGuard {
+        self.websockets.inc();
+        WebSocketGuard {
+            metrics: Arc::clone(self),
         }
     }
 
@@ -133,6 +374,7 @@ impl Metrics {
         self.used.clear();
         self.pool.clear();
         self.creation_failed.clear();
+        self.pending.clear();
         for env in state.manager.environments() {
             let labels = EnvironmentLabels {
                 environment_id: env.spec().id.to_string(),
@@ -155,12 +397,27 @@ impl Metrics {
             self.pool
                 .get_or_create(&labels)
                 .set(i64::from(stats.prewarming_pool_size));
+            self.pending
+                .get_or_create(&labels)
+                .set(i64::from(stats.pending_runners));
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             tracing::error!("encoding metrics failed");
         }
         out
+    }
+}
+
+/// Keeps an execution WebSocket counted as open (see [`Metrics::websocket_opened`]).
+#[derive(Debug)]
+pub struct WebSocketGuard {
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for WebSocketGuard {
+    fn drop(&mut self) {
+        self.metrics.websockets.dec();
     }
 }
 

@@ -58,8 +58,8 @@ pub struct AppState {
     pub manager: Arc<dyn Manager>,
     /// HTTP settings.
     pub settings: ApiSettings,
-    /// Prometheus metrics.
-    pub metrics: Metrics,
+    /// Prometheus metrics, shared with the manager's observer and the instrumented backend.
+    pub metrics: Arc<Metrics>,
     /// Open WebSocket streams.
     pub streams: Streams,
     /// The InfluxDB export, when `influxdb.url` is set.
@@ -78,10 +78,22 @@ impl AppState {
         settings: ApiSettings,
         influx: Option<InfluxWriter>,
     ) -> Arc<Self> {
+        Self::with_metrics(manager, settings, influx, Arc::new(Metrics::new()))
+    }
+
+    /// State over `manager` with `settings`, writing to `influx` and recording into `metrics`
+    /// (created before the manager, so that its observer and the instrumented backend record
+    /// into the same registry `/metrics` renders).
+    pub fn with_metrics(
+        manager: Arc<dyn Manager>,
+        settings: ApiSettings,
+        influx: Option<InfluxWriter>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             manager,
             settings,
-            metrics: Metrics::new(),
+            metrics,
             streams: Streams::default(),
             influx,
         })

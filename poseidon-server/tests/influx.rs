@@ -154,6 +154,18 @@ async fn requests_and_pool_sizes_arrive_in_influxdb() {
         &["environment_id=3", " count=1i"],
     )
     .await;
+    // Every runner start-up, as Poseidon writes it for an idle runner that became ready.
+    let startup = wait_line(
+        &rec,
+        "poseidon_nomad_idle_runners,",
+        &[
+            "environment_id=3",
+            &format!("runner_id={runner}"),
+            " startup_duration=",
+        ],
+    )
+    .await;
+    assert!(startup.contains("stage=ci"), "{startup}");
 
     let posts = rec.posts.lock().expect("lock").clone();
     for (path, auth, _) in &posts {

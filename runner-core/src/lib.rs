@@ -18,6 +18,7 @@ pub mod fake;
 pub mod files;
 pub mod ids;
 mod manager;
+pub mod observe;
 pub mod pool;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -44,6 +45,7 @@ pub use manager::{
     DEFAULT_MAX_PENDING_BYTES, ManagedEnvironment, ManagerConfig, RecoveryReport, RunnerManager,
     UsedRunner,
 };
+pub use observe::{ExecutionOutcome, ManagerObserver, NoopObserver};
 pub use pool::PrewarmingPool;
 pub use timer::InactivityTimer;
 pub use traits::{Environment, Manager, PutOutcome, Runner};

@@ -57,4 +57,4 @@ mod store;
 
 pub use error::StoreError;
 pub use record::StoredRunner;
-pub use store::StateStore;
+pub use store::{StateStore, WriteObserver};

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use redb::{
@@ -68,6 +68,16 @@ struct Inner {
     /// When the last durable commit finished; read and written only inside a write transaction,
     /// so writers see it in commit order.
     last_durable: Mutex<Instant>,
+    /// Told about every committed write (metrics); set at most once.
+    observer: OnceLock<Arc<dyn WriteObserver>>,
+}
+
+/// Receives the duration of every committed write, e.g. for a latency metric. Called on the
+/// writing thread right after the commit: an implementation must return at once.
+pub trait WriteObserver: Send + Sync + 'static {
+    /// A write named `operation` (`put_runner`, `set_runner_state`, `refresh_deadline`, …)
+    /// committed, `durable` (fsync'd) or not, `took` after the call began.
+    fn write_committed(&self, operation: &'static str, durable: bool, took: Duration);
 }
 
 impl fmt::Debug for StateStore {
@@ -137,8 +147,15 @@ impl StateStore {
                 db: RwLock::new(Some(db)),
                 previous_shutdown_was_clean,
                 last_durable: Mutex::new(Instant::now()),
+                observer: OnceLock::new(),
             }),
         })
+    }
+
+    /// Reports every committed write from now on to `observer`; returns `false` (and changes
+    /// nothing) when an observer is already set.
+    pub fn set_write_observer(&self, observer: Arc<dyn WriteObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
     }
 
     /// Whether the process that last had this store open ended with [`StateStore::close`]. A
@@ -179,7 +196,7 @@ impl StateStore {
     /// Callers that want a bound on what a crash loses call it periodically; it costs one
     /// durable commit even when nothing is pending.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.write(Commit::Durable, |_| Ok(()))
+        self.write("flush", Commit::Durable, |_| Ok(()))
     }
 
     /// Inserts or replaces the environment `spec.id`. **Durable.**
@@ -188,7 +205,7 @@ impl StateStore {
     /// runner of it at the next start, so the call returns only once it is on disk.
     pub fn put_environment(&self, spec: &EnvironmentSpec) -> Result<(), StoreError> {
         let value = encode_environment(spec)?;
-        self.write(Commit::Durable, |txn| {
+        self.write("put_environment", Commit::Durable, |txn| {
             txn.open_table(ENVIRONMENTS)?
                 .insert(spec.id.get(), value.as_slice())?;
             Ok(())
@@ -202,7 +219,7 @@ impl StateStore {
     /// Runner records of the environment are left alone: the caller removes them as it destroys
     /// the runners.
     pub fn remove_environment(&self, id: EnvironmentId) -> Result<(), StoreError> {
-        self.write(Commit::Durable, |txn| {
+        self.write("remove_environment", Commit::Durable, |txn| {
             txn.open_table(ENVIRONMENTS)?.remove(id.get())?;
             Ok(())
         })?;
@@ -231,7 +248,7 @@ impl StateStore {
     /// again, so the call returns only once it is on disk.
     pub fn put_runner(&self, runner: &StoredRunner) -> Result<(), StoreError> {
         let value = encode_runner(runner)?;
-        self.write(Commit::Durable, |txn| {
+        self.write("put_runner", Commit::Durable, |txn| {
             txn.open_table(RUNNERS)?
                 .insert(runner.id.as_str(), value.as_slice())?;
             Ok(())
@@ -247,7 +264,9 @@ impl StateStore {
     /// way back to `Idle` is durable too (state transitions are rare; only deadline refreshes are
     /// eventual). Fails with [`StoreError::RunnerNotFound`] when no record of `id` exists.
     pub fn set_runner_state(&self, id: &RunnerId, state: &RunnerState) -> Result<(), StoreError> {
-        self.update_runner(id, Commit::Durable, |runner| Ok(runner.with_state(*state)))?;
+        self.update_runner("set_runner_state", id, Commit::Durable, |runner| {
+            Ok(runner.with_state(*state))
+        })?;
         debug!(runner_id = %id, ?state, "stored runner state");
         Ok(())
     }
@@ -261,13 +280,18 @@ impl StateStore {
     /// never handed out twice). Fails with [`StoreError::RunnerNotFound`] when no record of `id`
     /// exists and [`StoreError::RunnerNotUsed`] when it is recorded idle.
     pub fn refresh_deadline(&self, id: &RunnerId, deadline: SystemTime) -> Result<(), StoreError> {
-        self.update_runner(id, Commit::Eventual, |runner| match runner.state {
-            RunnerState::Idle => Err(StoreError::RunnerNotUsed(id.clone())),
-            RunnerState::Used(mut used) => {
-                used.deadline = Some(deadline);
-                Ok(runner.with_state(RunnerState::Used(used)))
-            }
-        })?;
+        self.update_runner(
+            "refresh_deadline",
+            id,
+            Commit::Eventual,
+            |runner| match runner.state {
+                RunnerState::Idle => Err(StoreError::RunnerNotUsed(id.clone())),
+                RunnerState::Used(mut used) => {
+                    used.deadline = Some(deadline);
+                    Ok(runner.with_state(RunnerState::Used(used)))
+                }
+            },
+        )?;
         tracing::trace!(runner_id = %id, deadline_unix_ms = unix_millis(deadline), "refreshed deadline");
         Ok(())
     }
@@ -277,7 +301,7 @@ impl StateStore {
     /// A lost removal would bring back the record of a destroyed sandbox (as idle, possibly), so
     /// the call returns only once it is on disk.
     pub fn remove_runner(&self, id: &RunnerId) -> Result<(), StoreError> {
-        self.write(Commit::Durable, |txn| {
+        self.write("remove_runner", Commit::Durable, |txn| {
             txn.open_table(RUNNERS)?.remove(id.as_str())?;
             Ok(())
         })?;
@@ -314,11 +338,12 @@ impl StateStore {
     /// Reads the record of `id`, replaces it by `change(record)`, in one transaction.
     fn update_runner(
         &self,
+        operation: &'static str,
         id: &RunnerId,
         commit: Commit,
         change: impl FnOnce(StoredRunner) -> Result<StoredRunner, StoreError>,
     ) -> Result<(), StoreError> {
-        self.write(commit, |txn| {
+        self.write(operation, commit, |txn| {
             let mut table = txn.open_table(RUNNERS)?;
             let current = match table.get(id.as_str())? {
                 Some(value) => decode_runner(id.as_str(), value.value())?,
@@ -339,12 +364,27 @@ impl StateStore {
     }
 
     /// Runs `op` in one write transaction and commits it as `commit` asks; an error from `op`
-    /// aborts the transaction, so nothing of it is written.
+    /// aborts the transaction, so nothing of it is written. A committed write is reported to the
+    /// observer as `operation`, with how long it took (waiting for the writer lock included).
     fn write<T>(
         &self,
+        operation: &'static str,
         commit: Commit,
         op: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let (out, durable) = self.write_unobserved(commit, op)?;
+        if let Some(observer) = self.inner.observer.get() {
+            observer.write_committed(operation, durable, started.elapsed());
+        }
+        Ok(out)
+    }
+
+    fn write_unobserved<T>(
+        &self,
+        commit: Commit,
+        op: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<(T, bool), StoreError> {
         let slot = self.inner.db.read().unwrap_or_else(PoisonError::into_inner);
         let db = slot.as_ref().ok_or(StoreError::Closed)?;
         let mut txn = db.begin_write()?;
@@ -362,7 +402,7 @@ impl StateStore {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         }
-        Ok(out)
+        Ok((out, durable))
     }
 
     fn last_durable_elapsed(&self) -> Duration {
@@ -450,13 +490,13 @@ mod tests {
             .checked_sub(EVENTUAL_WINDOW * 2)
             .unwrap_or_else(Instant::now);
         *store.inner.last_durable.lock().unwrap() = long_ago;
-        store.write(Commit::Eventual, |_| Ok(())).unwrap();
+        store.write("test", Commit::Eventual, |_| Ok(())).unwrap();
         assert!(
             store.last_durable_elapsed() < EVENTUAL_WINDOW,
             "the eventual write should have been committed durably"
         );
         let before = *store.inner.last_durable.lock().unwrap();
-        store.write(Commit::Eventual, |_| Ok(())).unwrap();
+        store.write("test", Commit::Eventual, |_| Ok(())).unwrap();
         assert_eq!(
             *store.inner.last_durable.lock().unwrap(),
             before,

@@ -303,3 +303,56 @@ fn dropping_the_last_handle_keeps_eventual_writes() {
         used(60, Some(9_000))
     );
 }
+
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<(&'static str, bool)>>);
+
+impl storage::WriteObserver for Recorded {
+    fn write_committed(&self, operation: &'static str, durable: bool, _: std::time::Duration) {
+        self.0.lock().unwrap().push((operation, durable));
+    }
+}
+
+#[test]
+fn committed_writes_are_reported_by_operation_and_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let recorded = std::sync::Arc::new(Recorded::default());
+    assert!(store.set_write_observer(recorded.clone()));
+    assert!(
+        !store.set_write_observer(std::sync::Arc::new(Recorded::default())),
+        "set once"
+    );
+    store.put_environment(&environment(1)).unwrap();
+    store
+        .put_runner(&runner("1-a", 1, RunnerState::Idle))
+        .unwrap();
+    let id = RunnerId::from("1-a");
+    store.set_runner_state(&id, &used(60, Some(1_000))).unwrap();
+    store.refresh_deadline(&id, at_ms(2_000)).unwrap();
+    assert!(
+        store
+            .refresh_deadline(&RunnerId::from("1-x"), at_ms(1))
+            .is_err()
+    );
+    store.remove_runner(&id).unwrap();
+    let recorded = recorded.0.lock().unwrap().clone();
+    let operations: Vec<_> = recorded.iter().map(|(op, _)| *op).collect();
+    assert_eq!(
+        operations,
+        [
+            "put_environment",
+            "put_runner",
+            "set_runner_state",
+            "refresh_deadline",
+            "remove_runner"
+        ],
+        "a failed write is not reported"
+    );
+    // A deadline refresh is eventual unless the last durable commit is old (a slow machine).
+    assert!(
+        recorded
+            .iter()
+            .all(|(op, durable)| *durable || *op == "refresh_deadline")
+    );
+}

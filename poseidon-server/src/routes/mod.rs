@@ -24,7 +24,7 @@ use axum::routing::{get, post};
 use crate::dto::{EnvironmentStatisticsEntry, EnvironmentStatisticsMap};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{auth, metrics, openapi};
+use crate::{auth, metrics, openapi, request_log};
 
 /// The API's base path.
 pub const BASE: &str = "/api/v1";
@@ -79,6 +79,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             state.clone(),
             metrics::track_requests,
         ))
+        .layer(middleware::from_fn(request_log::request_span))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

@@ -22,6 +22,7 @@ use runner_core::{
     TakenExecution,
 };
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::dto::{
     ExecutionRequestDto, ExecutionResponse, FileListing, FileUpdateRequest, ProvideRunnerRequest,
@@ -310,13 +311,21 @@ pub async fn websocket(
     // on, failures are reported in the stream.
     let taken = runner.take_execution(execution_id)?;
     let tracker = state.streams.tracker.clone();
-    let response = upgrade
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(MAX_CLIENT_MESSAGE)
-        .max_frame_size(MAX_CLIENT_MESSAGE)
-        .on_failed_upgrade(|e| tracing::warn!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            tracker.track_future(async move {
+    let span = tracing::info_span!(
+        "execution",
+        runner_id = %id,
+        environment_id = runner.environment().get(),
+        execution_id = %execution_id,
+    );
+    let response =
+        upgrade
+            .write_buffer_size(WRITE_BUFFER)
+            .max_message_size(MAX_CLIENT_MESSAGE)
+            .max_frame_size(MAX_CLIENT_MESSAGE)
+            .on_failed_upgrade(|e| tracing::warn!(error = %e, "websocket upgrade failed"))
+            .on_upgrade(move |socket| {
+                tracker.track_future(async move {
+                let _open = state.metrics.websocket_opened();
                 let end = stream(socket, runner, taken, &state).await;
                 state.metrics.stream_ended(match end {
                     StreamEnd::Completed => "completed",
@@ -326,8 +335,8 @@ pub async fn websocket(
                     StreamEnd::InvalidInput => "invalid_input",
                 });
                 tracing::info!(runner_id = %id, %execution_id, ?end, "execution stream ended");
-            })
-        });
+            }.instrument(span))
+            });
     Ok(response)
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod nomad;
+pub mod observe;
 pub mod process;
 
 use std::sync::Arc;

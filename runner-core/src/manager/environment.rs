@@ -451,7 +451,8 @@ impl Environment for ManagedEnvironment {
     }
 }
 
-type Created = (Result<Creation, BackendError>, u64);
+/// A creation's answer, the generation it was made for, and how long the call took.
+type Created = (Result<Creation, BackendError>, u64, std::time::Duration);
 
 impl RunnerManager {
     /// Starts the task that keeps `env`'s pool at its target size.
@@ -492,7 +493,11 @@ impl RunnerManager {
                         break;
                     };
                     let backend = Arc::clone(&self.backend);
-                    inflight.spawn(async move { (backend.create_runner(&spec).await, generation) });
+                    inflight.spawn(async move {
+                        let started = Instant::now();
+                        let created = backend.create_runner(&spec).await;
+                        (created, generation, started.elapsed())
+                    });
                 }
             }
             let next_expiry = env.oldest_pending().map(|t| t + startup_timeout);
@@ -500,22 +505,27 @@ impl RunnerManager {
                 () = env.stop.cancelled() => break,
                 Some(joined) = inflight.join_next(), if !inflight.is_empty() => {
                     match joined {
-                        Ok((Ok(creation), generation)) => {
+                        Ok((Ok(creation), generation, took)) => {
                             backoff.succeed();
+                            if let Creation::Ready(info) = &creation {
+                                self.observer.runner_started(&info.id, env.id, took);
+                            }
                             debug!(runner_id = %creation.info().id, environment_id = %env.id, ready = matches!(creation, Creation::Ready(_)), "runner created");
                             if let Some(unwanted) = env.finish(Some((creation, generation)), |id| self.is_taken(id)) {
                                 self.destroy_in_background(unwanted.id, DestroyReason::EnvironmentUpdated);
                             }
                         }
-                        Ok((Err(err), generation)) if err.is_permanent() => {
+                        Ok((Err(err), generation, _)) if err.is_permanent() => {
                             env.creation_failed(&err);
+                            self.observer.runner_creation_failed(env.id, &err);
                             backoff.succeed();
                             if env.fail_permanently(generation, err.to_string()) {
                                 error!(environment_id = %env.id, error = %err, "runners of this environment cannot be created; refilling stops until the environment is changed");
                             }
                         }
-                        Ok((Err(err), _)) => {
+                        Ok((Err(err), _, _)) => {
                             env.creation_failed(&err);
+                            self.observer.runner_creation_failed(env.id, &err);
                             let delay = backoff.fail();
                             warn!(environment_id = %env.id, error = %err, ?delay, failures = backoff.failures(), "creating a runner failed; backing off");
                             retry_at = Some(Instant::now() + delay);
@@ -535,7 +545,7 @@ impl RunnerManager {
         // once they exist (on shutdown they are left for the next start to recover).
         let shutting_down = self.shutdown.is_cancelled();
         while let Some(joined) = inflight.join_next().await {
-            if let Ok((Ok(creation), _)) = joined {
+            if let Ok((Ok(creation), _, _)) = joined {
                 env.finish(None, |_| false);
                 if !shutting_down {
                     self.destroy_in_background(

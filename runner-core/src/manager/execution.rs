@@ -14,12 +14,28 @@ use tracing::debug;
 
 use crate::destroy::DestroyReason;
 use crate::execution::{ExecutionEvent, ExecutionFailure};
+use crate::ids::EnvironmentId;
+use crate::observe::{ExecutionOutcome, ManagerObserver};
 
 /// Limits the core enforces on every execution.
 #[derive(Debug, Clone)]
 pub(super) struct ExecutionLimits {
     pub(super) output_limit: Option<u64>,
     pub(super) stop_grace: Duration,
+}
+
+/// Reports one execution's end to the observer, once.
+pub(super) struct ExecutionReport {
+    pub(super) observer: std::sync::Arc<dyn ManagerObserver>,
+    pub(super) environment: EnvironmentId,
+    pub(super) started: Instant,
+}
+
+impl ExecutionReport {
+    pub(super) fn finish(self, outcome: ExecutionOutcome) {
+        self.observer
+            .execution_finished(self.environment, outcome, self.started.elapsed());
+    }
 }
 
 /// Called when a cancelled execution does not end within the grace period.
@@ -40,7 +56,7 @@ pub(super) async fn forward_execution(
     time_limit: Option<Duration>,
     mut destroyed: watch::Receiver<Option<DestroyReason>>,
     limits: ExecutionLimits,
-    on_stop_failed: StopFailed,
+    (on_stop_failed, report): (StopFailed, ExecutionReport),
 ) {
     let deadline = time_limit.map(|limit| Instant::now() + limit);
     let mut output: u64 = 0;
@@ -62,9 +78,10 @@ pub(super) async fn forward_execution(
             permit = client.reserve(), if pending.is_some() => {
                 let Ok(permit) = permit else { break Ending::ClientLeft };
                 if let Some(event) = pending.take() {
-                    let terminal = event.is_terminal();
+                    let outcome = ExecutionOutcome::of(&event);
                     permit.send(event);
-                    if terminal {
+                    if let Some(outcome) = outcome {
+                        report.finish(outcome);
                         return;
                     }
                 }
@@ -94,9 +111,13 @@ pub(super) async fn forward_execution(
         }
     };
     cancel.cancel();
-    if let Ending::Deliver(event) = ending {
-        debug!(?event, "execution ended by the core");
-        let _ = client.send(event).await;
+    match ending {
+        Ending::Deliver(event) => {
+            debug!(?event, "execution ended by the core");
+            report.finish(ExecutionOutcome::of(&event).unwrap_or(ExecutionOutcome::Error));
+            let _ = client.send(event).await;
+        }
+        Ending::ClientLeft => report.finish(ExecutionOutcome::Cancelled),
     }
     // Make sure the backend actually stops; otherwise the runner must go.
     let stopped = tokio::time::timeout(limits.stop_grace, async {

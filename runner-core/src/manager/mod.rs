@@ -31,6 +31,7 @@ use crate::executor::{
     BackendError, BackendEvent, ExecutorApi, RunnerInfo, RunnerState, UsedState,
 };
 use crate::ids::{EnvironmentId, RunnerId};
+use crate::observe::{ManagerObserver, NoopObserver};
 use crate::traits::{Environment, Manager, PutOutcome, Runner};
 use environment::{Offer, ReadyOutcome, StoppedRunner};
 
@@ -123,12 +124,24 @@ pub struct RunnerManager {
     /// Background backend calls (used-marks, destructions) that shutdown waits for, so a clean
     /// shutdown does not leave a claim unrecorded or a replaced runner alive.
     tasks: tokio_util::task::TaskTracker,
+    /// Told about start-ups, destructions, executions and failed creations (metrics).
+    observer: Arc<dyn ManagerObserver>,
 }
 
 impl RunnerManager {
     /// A manager over `backend`; it knows no environment until [`RunnerManager::recover`] or a
     /// `put_environment`.
     pub fn new(backend: Arc<dyn ExecutorApi>, config: ManagerConfig) -> Arc<Self> {
+        Self::with_observer(backend, config, Arc::new(NoopObserver))
+    }
+
+    /// A manager over `backend` that reports what it does to `observer` (see
+    /// [`ManagerObserver`] for what is reported when).
+    pub fn with_observer(
+        backend: Arc<dyn ExecutorApi>,
+        config: ManagerConfig,
+        observer: Arc<dyn ManagerObserver>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|weak| Self {
             backend,
             config,
@@ -141,7 +154,13 @@ impl RunnerManager {
             destroying: Arc::default(),
             recently_destroyed: std::sync::Mutex::new(RecentSet::default()),
             tasks: tokio_util::task::TaskTracker::new(),
+            observer,
         })
+    }
+
+    /// The observer this manager reports to.
+    pub fn observer(&self) -> &Arc<dyn ManagerObserver> {
+        &self.observer
     }
 
     /// The configuration.
@@ -302,8 +321,16 @@ impl RunnerManager {
         }
     }
 
-    /// Destroys a runner on the backend in the background, retrying with backoff.
+    /// Destroys a runner on the backend in the background, retrying with backoff; reports the
+    /// destruction to the observer.
     fn destroy_in_background(&self, runner: RunnerId, reason: DestroyReason) {
+        self.observer.runner_destroyed(&reason);
+        self.retry_destroy_in_background(runner, reason);
+    }
+
+    /// Destroys a runner on the backend in the background, retrying with backoff, without
+    /// reporting it (the destruction was reported when it was decided).
+    fn retry_destroy_in_background(&self, runner: RunnerId, reason: DestroyReason) {
         let guard = self.destroying(&runner);
         let backend = Arc::clone(&self.backend);
         let policy = self.config.backoff;
@@ -339,6 +366,7 @@ impl RunnerManager {
             env.wake_refill();
         }
         runner.mark_destroyed(reason.clone());
+        self.observer.runner_destroyed(&reason);
         info!(runner_id = %id, environment_id = %runner.environment(), reason = reason.label(), "destroying used runner");
         if reason.is_local() {
             return Ok(());
@@ -348,7 +376,7 @@ impl RunnerManager {
             Err(err) => {
                 drop(guard);
                 warn!(runner_id = %id, error = %err, "destroying runner failed; retrying in the background");
-                self.destroy_in_background(id.clone(), reason);
+                self.retry_destroy_in_background(id.clone(), reason);
             }
         }
         Ok(())
@@ -421,6 +449,8 @@ impl RunnerManager {
                     .map(|env| env.offer_idle(info.clone(), |id| self.is_taken(id)));
                 match offer {
                     Some(Offer::Pooled) => {
+                        self.observer
+                            .runner_started(&info.id, info.environment, startup);
                         debug!(runner_id = %info.id, ?startup, "backend started an idle runner");
                     }
                     Some(Offer::Known) => {}
@@ -433,6 +463,7 @@ impl RunnerManager {
                 for env in self.candidate_environments(&runner) {
                     match env.ready(&runner) {
                         ReadyOutcome::Pooled => {
+                            self.observer.runner_started(&runner, env.id(), startup);
                             debug!(runner_id = %runner, environment_id = %env.id(), ?startup, "runner ready");
                             self.check_pool_alert(&env);
                             return;
@@ -519,7 +550,9 @@ impl RunnerManager {
             }
             Some(Found::Idle(env)) => {
                 info!(runner_id = %runner, environment_id = %env.id(), reason = reason.label(), "idle runner stopped");
-                if !reason.is_local() {
+                if reason.is_local() {
+                    self.observer.runner_destroyed(&reason);
+                } else {
                     self.destroy_in_background(runner, reason);
                 }
                 env.wake_refill();
@@ -528,7 +561,9 @@ impl RunnerManager {
             Some(Found::Pending(env)) => {
                 if env.pending_stopped(&runner, &reason.to_string()) {
                     warn!(runner_id = %runner, environment_id = %env.id(), reason = reason.label(), "runner stopped before it was ready");
-                    if !reason.is_local() {
+                    if reason.is_local() {
+                        self.observer.runner_destroyed(&reason);
+                    } else {
                         self.destroy_in_background(runner, reason);
                     }
                     env.wake_refill();
@@ -620,7 +655,7 @@ impl RunnerManager {
             inactivity_timeout,
             remaining,
             Arc::clone(&self.backend),
-            runner::RunnerSettings::from(&self.config),
+            runner::RunnerSettings::new(&self.config, Arc::clone(&self.observer)),
             self.weak.clone(),
         );
         self.write_used()
@@ -659,6 +694,7 @@ impl RunnerManager {
             let policy = self.config.backoff;
             let attempts = self.config.max_attempts;
             let guard = self.destroying(&info.id);
+            self.observer.runner_destroyed(&reason);
             async move {
                 destroy_with_retry(backend.as_ref(), &info.id, &reason, policy, attempts).await;
                 drop(guard);

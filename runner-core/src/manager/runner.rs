@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::execution::{ExecutionLimits, StopFailed, forward_execution};
+use super::execution::{ExecutionLimits, ExecutionReport, StopFailed, forward_execution};
 use super::{ManagerConfig, RunnerManager};
 use crate::destroy::DestroyReason;
 use crate::error::ManagerError;
@@ -22,6 +22,7 @@ use crate::execution::{EVENT_BUFFER, Execution, ExecutionRequest, TakenExecution
 use crate::executor::{ExecutorApi, MappedPort, RunnerInfo};
 use crate::files::{FileContent, FileHeader, FileUpdate, ListFilesRequest};
 use crate::ids::{EnvironmentId, ExecutionId, RunnerId};
+use crate::observe::{ExecutionOutcome, ManagerObserver};
 use crate::timer::InactivityTimer;
 use crate::traits::Runner;
 
@@ -32,10 +33,11 @@ pub(super) struct RunnerSettings {
     max_pending: usize,
     max_pending_bytes: usize,
     limits: ExecutionLimits,
+    observer: Arc<dyn ManagerObserver>,
 }
 
-impl From<&ManagerConfig> for RunnerSettings {
-    fn from(config: &ManagerConfig) -> Self {
+impl RunnerSettings {
+    pub(super) fn new(config: &ManagerConfig, observer: Arc<dyn ManagerObserver>) -> Self {
         Self {
             execution_ttl: config.execution_ttl,
             max_pending: config.max_pending_executions,
@@ -44,6 +46,7 @@ impl From<&ManagerConfig> for RunnerSettings {
                 output_limit: config.output_limit,
                 stop_grace: config.stop_grace,
             },
+            observer,
         }
     }
 }
@@ -214,14 +217,27 @@ impl Runner for UsedRunner {
         request.validate()?;
         self.touch()?;
         let cancel = CancellationToken::new();
-        let handle = self
+        // Reported once: a failed start here, else by the forwarder when the execution ends.
+        let report = ExecutionReport {
+            observer: Arc::clone(&self.settings.observer),
+            environment: self.info.environment,
+            started: Instant::now(),
+        };
+        let handle = match self
             .guarded(async {
                 Ok(self
                     .backend
                     .execute(&self.info.id, &request, cancel.clone())
                     .await?)
             })
-            .await?;
+            .await
+        {
+            Ok(handle) => handle,
+            Err(err) => {
+                report.finish(ExecutionOutcome::Error);
+                return Err(err);
+            }
+        };
         let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
         info!(runner_id = %self.info.id, execution_id = %id, "execution started");
         tokio::spawn(forward_execution(
@@ -231,7 +247,7 @@ impl Runner for UsedRunner {
             request.time_limit(),
             self.destroyed.subscribe(),
             self.settings.limits.clone(),
-            self.stop_request(),
+            (self.stop_request(), report),
         ));
         Ok(Execution {
             stdin: handle.stdin,
