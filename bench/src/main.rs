@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod alloc;
+mod nomad;
 mod prewarm;
 mod scale;
 mod scenarios;
@@ -30,6 +31,11 @@ struct Args {
     /// A short smoke run.
     #[arg(long)]
     quick: bool,
+    /// `local` (the embedded backend) or `nomad`: the server on its Nomad adapter against a
+    /// nomad-emulator started in this process, running `nomad-claim` and `nomad-execute`, which
+    /// also count the Nomad calls per claim and per execution.
+    #[arg(long, default_value = "local")]
+    backend: String,
 }
 
 const SCENARIOS: [&str; 6] = [
@@ -50,6 +56,11 @@ fn main() -> anyhow::Result<()> {
         None => SCENARIOS.to_vec(),
     };
     let effort = Effort { quick: args.quick };
+    match args.backend.as_str() {
+        "local" => {}
+        "nomad" => return run_nomad(effort, args.json),
+        other => anyhow::bail!("unknown backend {other:?}; local or nomad"),
+    }
     let print = |report: &Report| {
         if args.json {
             println!("{}", report.json());
@@ -88,4 +99,35 @@ fn main() -> anyhow::Result<()> {
         print(&scale::scale(effort)?);
     }
     Ok(())
+}
+
+/// The Nomad mode: an emulated cluster, the server on it, the Nomad scenarios.
+fn run_nomad(effort: Effort, json: bool) -> anyhow::Result<()> {
+    let binary = server::server_binary()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let cluster = nomad::Cluster::start().await?;
+        let vars = cluster.server_vars();
+        let result = async {
+            let child = server::ServerChild::start(&binary, &vars).await?;
+            let api = server::Api::new(&child.api);
+            for report in [
+                nomad::execute(&api, &cluster, effort).await?,
+                nomad::claim(&api, &cluster, effort).await?,
+            ] {
+                if json {
+                    println!("{}", report.json());
+                } else {
+                    println!("{}", report.row());
+                }
+            }
+            drop(child);
+            anyhow::Ok(())
+        }
+        .await;
+        cluster.stop().await;
+        result
+    })
 }

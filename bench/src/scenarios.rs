@@ -19,7 +19,7 @@ pub struct Effort {
 }
 
 impl Effort {
-    fn pick(self, quick: usize, full: usize) -> usize {
+    pub fn pick(self, quick: usize, full: usize) -> usize {
         if self.quick { quick } else { full }
     }
 }
