@@ -80,19 +80,45 @@ fn main() -> ExitCode {
 /// server serves only once its runners are recovered); a configuration Nomad cannot work with
 /// fails at once.
 async fn connect_nomad(settings: &nomad_adapter::NomadConfig) -> anyhow::Result<NomadExecutor> {
+    let stop = stop_requested();
+    tokio::pin!(stop);
     let mut delay = Duration::from_millis(500);
     loop {
-        match NomadExecutor::connect(settings.clone()).await {
+        let attempt = tokio::select! {
+            attempt = NomadExecutor::connect(settings.clone()) => attempt,
+            () = &mut stop => anyhow::bail!("stopped while waiting for Nomad"),
+        };
+        match attempt {
             Ok(executor) => return Ok(executor),
             Err(e @ nomad_adapter::NomadError::Unreachable(_)) => {
                 tracing::warn!(error = %e, retry_in = ?delay, address = %settings.base_url(), "Nomad is not reachable yet");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    _ = tokio::signal::ctrl_c() => anyhow::bail!("stopped while waiting for Nomad"),
+                    () = &mut stop => anyhow::bail!("stopped while waiting for Nomad"),
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(e) => return Err(e).context("connecting to Nomad"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (before the server's own shutdown handling is installed). The
+/// handlers are installed when the future is created, so a signal arriving before it is first
+/// polled is not lost.
+fn stop_requested() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
         }
     }
 }

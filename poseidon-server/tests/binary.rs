@@ -24,7 +24,7 @@ fn invalid_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().expect("dir");
     for (vars, key) in [
         (vec![("POSEIDON_SERVER_PORT", "not-a-port")], "server.port"),
-        (vec![("POSEIDON_NOMAD_ENABLED", "true")], "nomad.enabled"),
+        (vec![("POSEIDON_NOMAD_PORT", "many")], "nomad.port"),
         (
             vec![("POSEIDON_LOGGER_FORMATTER", "XMLFormatter")],
             "logger.formatter",
@@ -86,12 +86,7 @@ async fn a_configuration_of_poseidons_shape_loads_and_unused_keys_are_logged_onc
         .filter(|l| l.contains("are ignored"))
         .collect();
     assert_eq!(ignored.len(), 1, "{:#?}", server.startup);
-    for key in [
-        "aws",
-        "profiling",
-        "server.interactivestderr",
-        "nomad.disableforcepull",
-    ] {
+    for key in ["aws", "profiling", "server.interactivestderr"] {
         assert!(ignored[0].contains(key), "{key} in {}", ignored[0]);
     }
     let r = reqwest::get(format!("http://{}/api/v1/health", server.addr))
@@ -104,18 +99,65 @@ async fn a_configuration_of_poseidons_shape_loads_and_unused_keys_are_logged_onc
 }
 
 #[test]
-fn nomad_enabled_in_the_file_exits_2_saying_the_backend_is_not_available() {
+fn nomad_enabled_waits_for_nomad_without_serving_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("dir");
-    let file = POSEIDON_SHAPED.replace("  enabled: false\n  address", "  enabled: true\n  address");
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let file = POSEIDON_SHAPED
+        .replace("  enabled: false\n  address", "  enabled: true\n  address")
+        .replace("  port: 4646", &format!("  port: {port}"));
     assert_ne!(file, POSEIDON_SHAPED);
     std::fs::write(dir.path().join("configuration.yaml"), file).expect("write");
-    let out = command(dir.path()).output().expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut child = command(dir.path()).spawn().expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let waiting = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("Nomad is not reachable yet") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    if !waiting {
+        let _ = child.kill();
+        panic!("no wait for Nomad was logged: {seen:#?}");
+    }
     assert!(
-        stderr.contains("nomad.enabled") && stderr.contains("Nomad backend is not available yet"),
-        "{stderr}"
+        !seen.iter().any(|l| l.contains("listening")),
+        "served before Nomad answered: {seen:#?}"
     );
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(status.code().is_some(), "ended by its own exit, not killed");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop the wait for Nomad");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[tokio::test]
