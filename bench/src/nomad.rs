@@ -201,6 +201,7 @@ pub async fn claim(api: &Api, cluster: &Cluster, effort: Effort) -> anyhow::Resu
             in_claims.per(claims),
             after.per(claims)
         ),
+        footprint: None,
     })
 }
 
@@ -240,5 +241,6 @@ pub async fn execute(api: &Api, cluster: &Cluster, effort: Effort) -> anyhow::Re
             "{rounds} executions; Nomad calls per execution: {}",
             calls.per(rounds)
         ),
+        footprint: None,
     })
 }

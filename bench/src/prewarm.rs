@@ -78,5 +78,6 @@ pub async fn prewarm(effort: Effort) -> anyhow::Result<Report> {
         baseline_p50_ms: baseline.p50(),
         ratio: subject.p50() / baseline.p50().max(1e-9),
         note: format!("{rounds} runners; baseline: unshare (6 namespaces) + exec true"),
+        footprint: None,
     })
 }

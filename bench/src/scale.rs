@@ -168,6 +168,7 @@ pub fn scale(effort: Effort) -> anyhow::Result<Report> {
             note: format!(
                 "claim at {large_n} vs 100 idle runners; {bytes:.0} bytes of runner-core per idle runner"
             ),
+            footprint: None,
         })
     })
 }

@@ -65,6 +65,7 @@ pub async fn execute(api: &Api, effort: Effort) -> anyhow::Result<Report> {
         baseline_p50_ms: baseline.p50(),
         ratio: subject.p50() / baseline.p50().max(1e-9),
         note: format!("{rounds} executions; baseline: bare fork+exec of `bash -c true`"),
+        footprint: None,
     })
 }
 
@@ -140,6 +141,7 @@ pub async fn claim(api: &Api, effort: Effort) -> anyhow::Result<Report> {
             subject.len(),
             baseline.p99()
         ),
+        footprint: None,
     })
 }
 
@@ -228,6 +230,7 @@ pub async fn throughput(api: &Api, effort: Effort) -> anyhow::Result<Report> {
         note: format!(
             "{CLIENTS} clients; ratio = executions/s / bare bash/s ({baseline_per_s:.0}/s)"
         ),
+        footprint: None,
     })
 }
 
@@ -279,5 +282,6 @@ pub async fn files(api: &Api, effort: Effort) -> anyhow::Result<Report> {
         baseline_p50_ms: baseline.p50(),
         ratio: subject.p50() / baseline.p50().max(1e-9),
         note: format!("{rounds} rounds of 100 × 1 KiB + listing; baseline: direct writes"),
+        footprint: None,
     })
 }

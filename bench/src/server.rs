@@ -95,6 +95,11 @@ impl ServerChild {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// The server process's id, for sampling it through `/proc/<pid>`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for ServerChild {
