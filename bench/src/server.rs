@@ -64,6 +64,8 @@ impl ServerChild {
             .env("POSEIDON_SERVER_PORT", port.to_string())
             .env("POSEIDON_SERVER_ADDRESS", "127.0.0.1")
             .env("POSEIDON_LOCAL_DATADIR", datadir.path().join("data"))
+            // The Nomad mode's clean-shutdown marker, out of the working directory.
+            .env("POSEIDON_NOMAD_DATADIR", datadir.path().join("nomad"))
             .env("POSEIDON_LOGGER_LEVEL", "warn")
             .env("POSEIDON_LIMITS_MAXPOOLSIZE", "1000")
             .env("POSEIDON_LIMITS_MAXRUNNERS", "2000")

@@ -960,7 +960,9 @@ impl Inner {
         };
         Limits {
             memory_bytes: u64::from(mb) << 20,
-            max_processes: self.config.max_processes,
+            // One more place for the init's standby leader, which the runner's own code never
+            // sees as one of its processes.
+            max_processes: self.config.max_processes.saturating_add(1),
             cpu_shares: Limits::cpu_shares_from_mhz(spec.cpu_limit),
         }
     }
@@ -1047,11 +1049,22 @@ fn init_gone(handle: &Handle) -> bool {
     }
 }
 
+/// Settings for mimalloc (the server binary's allocator), read by the helper and so by the
+/// runner's init, which is the helper's fork: freed memory goes back to the system at once and
+/// arenas are committed as they are used. The init keeps only what it uses resident, which is
+/// every runner's idle memory and what each execution's fork copies. Without mimalloc they are
+/// ignored.
+const HELPER_ALLOCATOR_ENV: [(&str, &str); 2] = [
+    ("MIMALLOC_PURGE_DELAY", "0"),
+    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+];
+
 async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
     // The magic link works even when the binary was replaced on disk since it started.
     let mut child = tokio::process::Command::new("/proc/self/exe")
         .env_clear()
         .env(MARKER, "1")
+        .envs(HELPER_ALLOCATOR_ENV)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -171,13 +171,19 @@ pub(crate) fn recv_with_fds<T: DeserializeOwned>(
     let mut fds = Vec::new();
     {
         let mut iov = [io::IoSliceMut::new(&mut first)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
+        // A signal (e.g. SIGCHLD of a sandbox helper) interrupts a receive with a timeout even
+        // when its handler asks for restarts.
+        let msg = loop {
+            match recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other.map_err(io::Error::from)?,
+            }
+        };
         if msg.bytes == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }

@@ -256,3 +256,89 @@ async fn several_executions_run_at_once_on_one_runner() {
     );
     f.destroy(&r).await;
 }
+
+/// The host pids of the init's children that lead a session of their own: the standby leader
+/// the init keeps for the next execution (the execution namespace's holder has no session).
+fn standby_leaders(f: &Fixture, r: &runner_core::RunnerId) -> Vec<i32> {
+    let netns = f.executor.network_namespace(r).expect("a live runner");
+    let init: i32 = netns
+        .to_str()
+        .and_then(|p| p.strip_prefix("/proc/"))
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("/proc/<pid>/ns/net");
+    let mut leaders = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Fields after the command: state, ppid, pgrp, session.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        if fields.get(1) == Some(&init.to_string().as_str())
+            && fields.get(3) == Some(&pid.to_string().as_str())
+        {
+            leaders.push(pid);
+        }
+    }
+    leaders
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_init_keeps_one_standby_leader_and_replaces_a_killed_one() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    // Executions one after the other leave exactly one standby behind.
+    for i in 0..3 {
+        let o = run(&f.executor, &r, &format!("echo run{i}")).await;
+        assert_eq!(o.out(), format!("run{i}\r\n"));
+    }
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let leaders = standby_leaders(&f, &r);
+            if leaders.len() == 1 {
+                return leaders;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("one standby leader");
+    // A standby that dies (here killed from the host) is replaced, and executions still run,
+    // also several at once (only one of which can take the standby).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(found[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let o = run(&f.executor, &r, "echo after").await;
+    assert_eq!(o.out(), "after\r\n");
+    assert_eq!(o.code(), Some(0));
+    let runs = (0..3).map(|i| {
+        let (executor, r) = (&f.executor, &r);
+        async move { run(executor, r, &format!("sleep 0.2; echo together{i}")).await }
+    });
+    for (i, o) in futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(o.out(), format!("together{i}\r\n"));
+        assert_eq!(o.code(), Some(0));
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while standby_leaders(&f, &r).len() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("again one standby leader");
+    f.destroy(&r).await;
+}

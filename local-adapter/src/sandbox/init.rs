@@ -7,6 +7,7 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -20,21 +21,22 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
+use nix::unistd::{ForkResult, Pid, fork};
 use rustix::pty::{OpenptFlags, openpt, ptsname, unlockpt};
 
+use super::SandboxSpec;
+use super::leader::{self, ChildStdio, FORK_RETRY_PAUSE, LEADER_NO_PROCESS, Launch, Program};
 use super::setup::{self, StepError};
-use super::{SandboxSpec, USER_ID};
 use crate::cgroup::ExecKill;
 use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, write_msg};
 
-/// How long a request header may take to arrive; the init serves one header at a time.
-/// The pause between attempts of a fork refused for the process limit.
-const FORK_RETRY_PAUSE: Duration = Duration::from_millis(25);
 /// How long after killing a tree a full process table is blamed on the killed processes.
 const KILL_AFTERMATH: Duration = Duration::from_secs(6);
 /// Longest one fork is retried, well within the server's control timeout (5 s).
 const FORK_RETRY_LIMIT: Duration = Duration::from_secs(2);
+/// How long the init waits before preparing a standby leader again after a failed attempt.
+const STANDBY_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How long a request header may take to arrive; the init serves one header at a time.
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the sandbox and serves requests; never returns.
@@ -78,10 +80,6 @@ struct Running {
     status: Option<OwnedFd>,
 }
 
-/// What an execution's session leader reports on its status pipe when the process limit keeps
-/// it from forking the command.
-const LEADER_NO_PROCESS: u8 = b'P';
-
 /// Why an execution could not be started.
 enum SpawnError {
     /// `fork` failed with `EAGAIN`: the runner's process table is full.
@@ -101,14 +99,6 @@ impl From<&str> for SpawnError {
     }
 }
 
-/// What an execution runs.
-enum Program {
-    /// `bash -c` this command (`Request::Exec`).
-    Shell(CString),
-    /// This argv as given, `argv[0]` looked up in `PATH` (`Request::Spawn`).
-    Argv(Vec<CString>),
-}
-
 /// How an execution's standard descriptors are connected.
 #[derive(Clone, Copy)]
 enum Stdio {
@@ -120,18 +110,7 @@ enum Stdio {
     Pipes,
 }
 
-/// The child's side of [`Stdio`].
-enum ChildStdio {
-    /// The terminal's slave path; stderr on this pipe, or the terminal when `None`.
-    Terminal {
-        slave: CString,
-        stderr: Option<OwnedFd>,
-    },
-    /// stdin, stdout and stderr pipe ends.
-    Pipes([OwnedFd; 3]),
-}
-
-/// A started execution, before its descriptors went to the server.
+/// A leader just forked, before its descriptors went to the server.
 struct Spawned {
     pid: i32,
     /// The server's ends, in the order `Request::Exec`/`Request::Spawn` document.
@@ -189,6 +168,25 @@ fn open_stdio(stdio: Stdio) -> Result<(Vec<OwnedFd>, ChildStdio), SpawnError> {
     }
 }
 
+/// An execution's environment: the defaults, overridden and extended by `env`.
+fn environment(privileged: bool, env: &[(String, String)]) -> Result<Vec<String>, String> {
+    let mut envp = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        format!("HOME={}", if privileged { "/root" } else { "/home/user" }),
+        "LANG=C.UTF-8".to_string(),
+        "TERM=xterm".to_string(),
+        "CODEOCEAN=true".to_string(),
+    ];
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(format!("invalid environment variable {k:?}"));
+        }
+        envp.retain(|e| !e.starts_with(&format!("{k}=")));
+        envp.push(format!("{k}={v}"));
+    }
+    Ok(envp)
+}
+
 /// Answers a request that cannot be started with an error.
 fn refuse(mut conn: UnixStream, message: &str) {
     let _ = write_msg(
@@ -210,6 +208,22 @@ struct Init<'a> {
     /// When this init last killed an execution's tree: its processes hold places in the process
     /// table until they are gone and reaped.
     last_kill: std::cell::Cell<Option<std::time::Instant>>,
+    /// The leader the next `Request::Exec` takes, prepared ahead of time.
+    standby: Option<Standby>,
+    /// When preparing a standby last failed.
+    standby_failed: Option<std::time::Instant>,
+}
+
+/// A session leader forked ahead of its execution: in its session and execution cgroup, its
+/// terminal and stderr pipe open, waiting for a [`Launch`] on `launch`.
+struct Standby {
+    pid: i32,
+    cgroup: Option<String>,
+    /// The init's end of the socket the leader waits on.
+    launch: UnixStream,
+    /// The server's ends: the PTY master and the stderr pipe's read end.
+    fds: Vec<OwnedFd>,
+    status: Option<OwnedFd>,
 }
 
 fn serve(
@@ -233,8 +247,11 @@ fn serve(
         lingering: Vec::new(),
         counter: 0,
         last_kill: std::cell::Cell::new(None),
+        standby: None,
+        standby_failed: None,
     };
     loop {
+        init.prepare_standby_when_idle();
         let exec_pids: Vec<i32> = init
             .execs
             .iter()
@@ -311,13 +328,7 @@ impl Init<'_> {
                 privileged,
                 env,
             } => match setup::cstring(&command) {
-                Some(program) => self.start_exec(
-                    conn,
-                    Program::Shell(program),
-                    Stdio::SplitTerminal,
-                    privileged,
-                    &env,
-                ),
+                Some(_) => self.start_shell(conn, command, privileged, &env),
                 None => refuse(conn, "command contains NUL"),
             },
             Request::Spawn {
@@ -330,7 +341,7 @@ impl Init<'_> {
                 match argv {
                     Some(argv) if !argv.is_empty() => {
                         let stdio = if tty { Stdio::Terminal } else { Stdio::Pipes };
-                        self.start_exec(conn, Program::Argv(argv), stdio, privileged, &env)
+                        self.start_spawn(conn, Program::Argv(argv), stdio, privileged, &env)
                     }
                     Some(_) => refuse(conn, "empty argv"),
                     None => refuse(conn, "an argument contains NUL"),
@@ -349,7 +360,7 @@ impl Init<'_> {
             Ok(ForkResult::Child) => {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
                 let _ = conn.set_write_timeout(None);
-                reset_signals();
+                leader::reset_signals();
                 // File operations resolve client paths, which may run through symlinks user
                 // code planted (e.g. to /proc/self/fd/N): this process must hold no descriptor
                 // but its connection, or such a path could reach the host directory behind it
@@ -374,7 +385,97 @@ impl Init<'_> {
         }
     }
 
-    fn start_exec(
+    /// `Request::Exec`: launches the standby leader (preparing one first if there is none) and
+    /// hands its descriptors to the server.
+    fn start_shell(
+        &mut self,
+        mut conn: UnixStream,
+        command: String,
+        privileged: bool,
+        env: &[(String, String)],
+    ) {
+        let envp = match environment(privileged, env) {
+            Ok(envp) => envp,
+            Err(message) => return refuse(conn, &message),
+        };
+        let mut launch = Launch {
+            command,
+            envp,
+            privileged,
+            retry_ms: 0,
+        };
+        // A standby that died meanwhile (its socket refuses the launch) is replaced once.
+        let mut launched = None;
+        for _ in 0..2 {
+            let standby = match self.standby.take() {
+                Some(standby) => standby,
+                None => match self.prepare_standby(true) {
+                    Ok(standby) => standby,
+                    Err(SpawnError::ProcessLimit) => {
+                        let _ = write_msg(&mut conn, &Response::ProcessLimit);
+                        return;
+                    }
+                    Err(SpawnError::Other(message)) => return refuse(conn, &message),
+                },
+            };
+            launch.retry_ms = self
+                .fork_deadline()
+                .saturating_duration_since(std::time::Instant::now())
+                .as_millis() as u64;
+            let mut socket = &standby.launch;
+            if write_msg(&mut socket, &launch).is_ok() {
+                launched = Some(standby);
+                break;
+            }
+            self.discard(standby);
+        }
+        let Some(standby) = launched else {
+            return refuse(conn, "the execution's leader did not start");
+        };
+        let Standby {
+            pid,
+            cgroup,
+            launch: _,
+            fds,
+            status,
+        } = standby;
+        self.started(
+            conn,
+            Spawned {
+                pid,
+                fds,
+                cgroup,
+                status,
+            },
+        );
+    }
+
+    /// Prepares the next standby while no execution runs (the one just finished has had its
+    /// answer): forking and setting up a leader competes for the CPU with a running command.
+    /// One attempt at a time, at most one per [`STANDBY_RETRY_PAUSE`] while forks fail (the
+    /// process table may be full), and the next execution prepares its own leader meanwhile.
+    fn prepare_standby_when_idle(&mut self) {
+        if self.standby.is_some() || !self.execs.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .standby_failed
+            .is_some_and(|failed| now < failed + STANDBY_RETRY_PAUSE)
+        {
+            return;
+        }
+        match self.prepare_standby(false) {
+            Ok(standby) => {
+                self.standby = Some(standby);
+                self.standby_failed = None;
+            }
+            Err(_) => self.standby_failed = Some(now),
+        }
+    }
+
+    /// `Request::Spawn`: forks a leader for `program` and hands its descriptors to the server.
+    fn start_spawn(
         &mut self,
         mut conn: UnixStream,
         program: Program,
@@ -382,64 +483,111 @@ impl Init<'_> {
         privileged: bool,
         env: &[(String, String)],
     ) {
-        match self.spawn(program, stdio, privileged, env) {
-            Ok(Spawned {
-                pid,
-                fds,
-                cgroup,
-                status,
-            }) => {
-                let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-                let sent = send_with_fds(&conn, &Response::Started, &borrowed);
-                drop(fds);
-                let conn = match sent.and_then(|()| conn.set_nonblocking(true)) {
-                    Ok(()) => Some(conn),
-                    Err(_) => {
-                        self.kill_tree(pid, cgroup.as_deref());
-                        None
-                    }
-                };
-                self.execs.insert(
-                    pid,
-                    Running {
-                        conn,
-                        cgroup,
-                        status,
-                    },
-                );
-            }
+        let envp = match environment(privileged, env) {
+            Ok(envp) => envp,
+            Err(message) => return refuse(conn, &message),
+        };
+        let envp: Vec<CString> = envp.iter().filter_map(|e| setup::cstring(e)).collect();
+        let limits = (self.spec.max_open_files, self.spec.max_file_size);
+        let fork_deadline = self.fork_deadline();
+        let forked = self.fork_leader(stdio, true, |init, stdio, procs, status| {
+            let prepared = leader::prepare(stdio, procs);
+            leader::launch_command(
+                prepared,
+                program,
+                envp,
+                privileged,
+                fork_deadline,
+                leader::Context {
+                    userns: init.exec_ns.as_fd(),
+                    limits,
+                    status,
+                },
+            )
+        });
+        match forked {
+            Ok(spawned) => self.started(conn, spawned),
             Err(SpawnError::ProcessLimit) => {
                 let _ = write_msg(&mut conn, &Response::ProcessLimit);
             }
-            Err(SpawnError::Other(message)) => {
-                let _ = write_msg(&mut conn, &Response::Error { message });
-            }
+            Err(SpawnError::Other(message)) => refuse(conn, &message),
         }
     }
 
-    fn spawn(
-        &mut self,
-        program: Program,
-        stdio: Stdio,
-        privileged: bool,
-        env: &[(String, String)],
-    ) -> Result<Spawned, SpawnError> {
-        let mut envp = vec![
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-            format!("HOME={}", if privileged { "/root" } else { "/home/user" }),
-            "LANG=C.UTF-8".to_string(),
-            "TERM=xterm".to_string(),
-            "CODEOCEAN=true".to_string(),
-        ];
-        for (k, v) in env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return Err(format!("invalid environment variable {k:?}").into());
+    /// Answers `Started` with the leader's descriptors and tracks the execution.
+    fn started(&mut self, conn: UnixStream, spawned: Spawned) {
+        let Spawned {
+            pid,
+            fds,
+            cgroup,
+            status,
+        } = spawned;
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        let sent = send_with_fds(&conn, &Response::Started, &borrowed);
+        drop(fds);
+        let conn = match sent.and_then(|()| conn.set_nonblocking(true)) {
+            Ok(()) => Some(conn),
+            Err(_) => {
+                self.kill_tree(pid, cgroup.as_deref());
+                None
             }
-            envp.retain(|e| !e.starts_with(&format!("{k}=")));
-            envp.push(format!("{k}={v}"));
-        }
-        let envp: Vec<CString> = envp.iter().filter_map(|e| setup::cstring(e)).collect();
+        };
+        self.execs.insert(
+            pid,
+            Running {
+                conn,
+                cgroup,
+                status,
+            },
+        );
+    }
 
+    /// Forks a standby leader for the next `Request::Exec`.
+    fn prepare_standby(&mut self, retry: bool) -> Result<Standby, SpawnError> {
+        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        let mut ours = Some(ours);
+        let limits = (self.spec.max_open_files, self.spec.max_file_size);
+        let spawned =
+            self.fork_leader(Stdio::SplitTerminal, retry, |init, stdio, procs, status| {
+                drop(ours.take());
+                leader::standby(
+                    stdio,
+                    procs,
+                    theirs,
+                    leader::Context {
+                        userns: init.exec_ns.as_fd(),
+                        limits,
+                        status,
+                    },
+                )
+            })?;
+        let launch = ours.ok_or("the standby's socket is gone")?;
+        Ok(Standby {
+            pid: spawned.pid,
+            cgroup: spawned.cgroup,
+            launch,
+            fds: spawned.fds,
+            status: spawned.status,
+        })
+    }
+
+    /// Kills a standby that cannot be used; its exit is reaped like any other.
+    fn discard(&mut self, standby: Standby) {
+        let _ = kill(Pid::from_raw(standby.pid), Signal::SIGKILL);
+        if let Some(name) = standby.cgroup {
+            self.lingering.push(name);
+        }
+    }
+
+    /// Opens a leader's descriptors and execution cgroup and forks it; the child runs `child`
+    /// with its stdio, its cgroup's `cgroup.procs` and its status pipe. With `retry`, a fork
+    /// refused for the process limit is retried in the aftermath of a kill.
+    fn fork_leader(
+        &mut self,
+        stdio: Stdio,
+        retry: bool,
+        child: impl FnOnce(&Self, ChildStdio, Option<OwnedFd>, Option<OwnedFd>) -> Infallible,
+    ) -> Result<Spawned, SpawnError> {
         let (server_fds, child_stdio) = open_stdio(stdio)?;
         let (status_r, status_w) = match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
             Ok((r, w)) => (Some(r), Some(w)),
@@ -457,12 +605,18 @@ impl Init<'_> {
             }
             _ => None,
         };
-        let limits = (self.spec.max_open_files, self.spec.max_file_size);
-        let fork_deadline = self.fork_deadline();
-        match self.fork_reaping() {
+        let forked = if retry {
+            self.fork_reaping()
+        } else {
+            // SAFETY: the init is single-threaded, so the child may run arbitrary code.
+            unsafe { fork() }
+        };
+        match forked {
             Ok(ForkResult::Child) => {
                 drop(server_fds);
                 drop(status_r);
+                // The standby's terminal and pipe are its own execution's, not this one's.
+                drop(self.standby.take());
                 let procs = match (&self.cgroup, &cgroup) {
                     (Some(dir), Some(name)) => openat(
                         dir,
@@ -473,17 +627,9 @@ impl Init<'_> {
                     .ok(),
                     _ => None,
                 };
-                exec_child(ExecChild {
-                    userns: self.exec_ns.as_fd(),
-                    program,
-                    envp,
-                    privileged,
-                    stdio: child_stdio,
-                    status: status_w,
-                    procs,
-                    limits,
-                    fork_deadline,
-                })
+                // `child` never returns (its type says so); the match turns that into this arm's.
+                #[allow(unreachable_code)]
+                match child(self, child_stdio, procs, status_w) {}
             }
             Ok(ForkResult::Parent { child }) => Ok(Spawned {
                 pid: child.as_raw(),
@@ -611,6 +757,12 @@ impl Init<'_> {
     }
 
     fn finished(&mut self, pid: i32, code: u8) {
+        if self.standby.as_ref().is_some_and(|s| s.pid == pid)
+            && let Some(standby) = self.standby.take()
+            && let Some(name) = standby.cgroup
+        {
+            self.lingering.push(name);
+        }
         let Some(running) = self.execs.remove(&pid) else {
             return;
         };
@@ -701,253 +853,4 @@ fn read_at(dir: &OwnedFd, path: &str) -> String {
             .read_to_string(&mut out);
     }
     out
-}
-
-/// Default dispositions and an empty mask, as a freshly exec'd program expects (the Rust
-/// runtime ignores SIGPIPE; the init blocks SIGCHLD).
-fn reset_signals() {
-    for sig in [Signal::SIGPIPE, Signal::SIGCHLD] {
-        // SAFETY: installing the default disposition has no handler to race with.
-        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
-    }
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-}
-
-struct ExecChild<'a> {
-    userns: BorrowedFd<'a>,
-    program: Program,
-    envp: Vec<CString>,
-    privileged: bool,
-    stdio: ChildStdio,
-    /// Where the leader reports that it could not fork the command (see `LEADER_NO_PROCESS`).
-    status: Option<OwnedFd>,
-    procs: Option<OwnedFd>,
-    limits: (u64, u64),
-    /// Until when a fork refused for the process limit is retried (the aftermath of a kill).
-    fork_deadline: std::time::Instant,
-}
-
-/// The forked child of an execution: joins the execution's cgroup, takes the terminal (if it
-/// has one), forks the command (which drops to `user` unless privileged) and waits for it as
-/// the session leader.
-fn exec_child(c: ExecChild<'_>) -> ! {
-    reset_signals();
-    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
-        let msg = format!("poseidon: {what}: {e}\n");
-        // SAFETY: writing to fd 2 and exiting without unwinding in a forked child.
-        unsafe {
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
-        }
-    };
-    if let Err(e) = nix::unistd::setsid() {
-        fail("setsid", &e);
-    }
-    if let Some(procs) = &c.procs {
-        let _ = nix::unistd::write(procs, b"0");
-    }
-    drop(c.procs);
-    let (uid, gid) = if c.privileged {
-        (0, 0)
-    } else {
-        (USER_ID, USER_ID)
-    };
-    let terminal = matches!(c.stdio, ChildStdio::Terminal { .. });
-    match c.stdio {
-        ChildStdio::Terminal { slave, stderr } => {
-            let slave = match nix::fcntl::open(slave.as_c_str(), OFlag::O_RDWR, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(e) => fail("open terminal", &e),
-            };
-            let _ = rustix::process::ioctl_tiocsctty(&slave);
-            let _ = nix::unistd::fchown(&slave, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
-            let err = stderr
-                .as_ref()
-                .map_or(slave.as_raw_fd(), AsRawFd::as_raw_fd);
-            // SAFETY: dup2 onto the standard descriptors of this (forked, single-threaded)
-            // process.
-            unsafe {
-                if libc::dup2(slave.as_raw_fd(), 0) < 0
-                    || libc::dup2(slave.as_raw_fd(), 1) < 0
-                    || libc::dup2(err, 2) < 0
-                {
-                    libc::_exit(127);
-                }
-            }
-        }
-        ChildStdio::Pipes(pipes) => {
-            for (target, fd) in pipes.iter().enumerate() {
-                // Owned by the execution's user, as its terminal would be: reopening them
-                // (`/dev/stdin`, `/proc/self/fd/N`) checks the pipe's owner, and the init's
-                // own ids are out of the execution's reach.
-                let _ = nix::unistd::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
-                // SAFETY: as above. The pipes were created close-on-exec above 2, so none of
-                // them is a standard descriptor that an earlier dup2 replaced.
-                if unsafe { libc::dup2(fd.as_raw_fd(), target as i32) } < 0 {
-                    // SAFETY: exiting a forked child without unwinding.
-                    unsafe { libc::_exit(127) }
-                }
-            }
-        }
-    }
-    // This process stays the session leader and only waits: when a session leader exits, the
-    // kernel hangs up the terminal's foreground process group, which would kill the command's
-    // background processes. The command runs in its own foreground group; before exiting, the
-    // leader makes its own group the foreground one, so only the leader is hung up.
-    // SAFETY: ignoring SIGTTOU has no handler to race with.
-    let _ =
-        unsafe { nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn) };
-    // The leader cannot reap (the init does), but in the aftermath of a kill it may wait for
-    // places in the process table to come free.
-    let forked = loop {
-        // SAFETY: this child is single-threaded (forked from the single-threaded init).
-        match unsafe { fork() } {
-            Err(Errno::EAGAIN) if std::time::Instant::now() < c.fork_deadline => {
-                std::thread::sleep(FORK_RETRY_PAUSE);
-            }
-            other => break other,
-        }
-    };
-    let main = match forked {
-        Ok(ForkResult::Child) => {
-            let me = nix::unistd::getpid();
-            let _ = nix::unistd::setpgid(me, me);
-            if terminal {
-                let _ = nix::unistd::tcsetpgrp(std::io::stdin(), me);
-            }
-            reset_signals();
-            // SAFETY: restoring the default disposition has no handler to race with.
-            let _ = unsafe {
-                nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)
-            };
-            exec_command(Command {
-                userns: c.userns,
-                program: c.program,
-                envp: c.envp,
-                privileged: c.privileged,
-                limits: c.limits,
-            })
-        }
-        Ok(ForkResult::Parent { child }) => child,
-        Err(e) => {
-            if e == Errno::EAGAIN
-                && let Some(status) = &c.status
-            {
-                let _ = nix::unistd::write(status, &[LEADER_NO_PROCESS]);
-            }
-            fail("fork", &e)
-        }
-    };
-    drop(c.status);
-    let _ = nix::unistd::setpgid(main, main);
-    if terminal {
-        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), main);
-    }
-    // SAFETY: closing our copies of the standard descriptors; with a terminal, stdin stays to
-    // restore the foreground group.
-    unsafe {
-        if !terminal {
-            libc::close(0);
-        }
-        libc::close(1);
-        libc::close(2);
-    }
-    let code = loop {
-        match waitpid(main, None) {
-            Ok(WaitStatus::Exited(_, code)) => break code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
-            Ok(_) | Err(Errno::EINTR) => continue,
-            Err(_) => break 255,
-        }
-    };
-    if terminal {
-        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), nix::unistd::getpgrp());
-    }
-    // SAFETY: `_exit` ends the forked leader without running destructors.
-    unsafe { libc::_exit(code) }
-}
-
-struct Command<'a> {
-    userns: BorrowedFd<'a>,
-    program: Program,
-    envp: Vec<CString>,
-    privileged: bool,
-    limits: (u64, u64),
-}
-
-/// The command's own process: limits, credentials, working directory, then `bash -c` or the
-/// argv.
-fn exec_command(c: Command<'_>) -> ! {
-    let fail = |code: i32, what: &str, e: &dyn std::fmt::Display| -> ! {
-        let msg = format!("poseidon: {what}: {e}\n");
-        // SAFETY: writing to fd 2 and exiting without unwinding in a forked child.
-        unsafe {
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(code)
-        }
-    };
-    use nix::sys::resource::{Resource, setrlimit};
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, c.limits.0, c.limits.0);
-    let _ = setrlimit(Resource::RLIMIT_FSIZE, c.limits.1, c.limits.1);
-    if let Err(e) = setup::enter_execution_namespace(c.userns, c.privileged) {
-        fail(127, "credentials", &e);
-    }
-    if nix::unistd::chdir("/workspace").is_err() {
-        let _ = nix::unistd::chdir("/");
-    }
-    match c.program {
-        Program::Shell(command) => {
-            let dash_c = c"-c";
-            for shell in [c"/bin/bash", c"/bin/sh"] {
-                let argv = [shell, dash_c, command.as_c_str()];
-                let _ = nix::unistd::execve(shell, &argv, &c.envp);
-            }
-            fail(127, "exec /bin/bash", &Errno::last())
-        }
-        Program::Argv(argv) => {
-            let name = argv[0].to_string_lossy().into_owned();
-            let error = exec_in_path(&argv, &c.envp);
-            // As a shell reports it: 127 for a program not found, 126 for one not executable.
-            let code = if matches!(error, Errno::ENOENT | Errno::ENOTDIR) {
-                127
-            } else {
-                126
-            };
-            fail(code, &format!("exec {name}"), &error)
-        }
-    }
-}
-
-/// Executes `argv`, looking `argv[0]` up in the `PATH` of `envp` unless it contains a `/`, as
-/// `execvp` does (but with the execution's `PATH`, not the init's). Returns only on failure,
-/// with the most telling error (`EACCES` over "not found").
-fn exec_in_path(argv: &[CString], envp: &[CString]) -> Errno {
-    let program = argv[0].as_bytes();
-    if program.contains(&b'/') {
-        let Err(error) = nix::unistd::execve(&argv[0], argv, envp);
-        return error;
-    }
-    if program.is_empty() {
-        return Errno::ENOENT;
-    }
-    let path = envp
-        .iter()
-        .find_map(|e| e.as_bytes().strip_prefix(b"PATH="))
-        .unwrap_or(b"/usr/local/bin:/usr/bin:/bin");
-    let mut error = Errno::ENOENT;
-    for dir in path.split(|b| *b == b':') {
-        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
-        let mut candidate = dir.to_vec();
-        candidate.push(b'/');
-        candidate.extend_from_slice(program);
-        let Ok(candidate) = CString::new(candidate) else {
-            continue;
-        };
-        let Err(failed) = nix::unistd::execve(&candidate, argv, envp);
-        match failed {
-            Errno::ENOENT | Errno::ENOTDIR => {}
-            other => error = other,
-        }
-    }
-    error
 }

@@ -10,6 +10,7 @@
 
 pub(crate) mod fileops;
 pub(crate) mod init;
+pub(crate) mod leader;
 pub(crate) mod seccomp;
 pub(crate) mod setup;
 

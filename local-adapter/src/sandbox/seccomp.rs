@@ -126,7 +126,18 @@ pub(crate) fn init_programs() -> Result<[BpfProgram; 3], SeccompError> {
 }
 
 /// A program denying `setns` (EPERM), stacked by the init's children on the init's programs.
+/// Compiled once per process: the init compiles it before it forks (see `setup::harden`), so
+/// its children only copy it.
 pub(crate) fn setns_program() -> Result<BpfProgram, SeccompError> {
+    static COMPILED: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
+    if let Some(program) = COMPILED.get() {
+        return Ok(program.clone());
+    }
+    let program = compile_setns_program()?;
+    Ok(COMPILED.get_or_init(|| program).clone())
+}
+
+fn compile_setns_program() -> Result<BpfProgram, SeccompError> {
     let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_setns, vec![])].into();
     let filter = SeccompFilter::new(
         rules,

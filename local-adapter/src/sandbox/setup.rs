@@ -656,6 +656,8 @@ pub(crate) fn harden() -> Result<()> {
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(step("set non-dumpable"))?;
     rustix::thread::set_no_new_privs(true).map_err(step("no_new_privs"))?;
+    // Compiled here, before the first fork, so no child compiles it again.
+    super::seccomp::setns_program().map_err(step("seccomp filter"))?;
     // Without the `setns` rule, which its children still need once (they add it themselves).
     let programs = super::seccomp::init_programs().map_err(step("seccomp filter"))?;
     super::seccomp::install(&programs).map_err(step("seccomp (kernel with CONFIG_SECCOMP_FILTER)"))
