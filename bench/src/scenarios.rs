@@ -45,11 +45,18 @@ pub async fn execute(api: &Api, effort: Effort) -> anyhow::Result<Report> {
         bare_bash_true()?;
     }
     let (mut subject, mut baseline) = (Samples::default(), Samples::default());
+    let mut steps: [Samples; 4] = Default::default();
     let rounds = effort.pick(50, 500);
     for _ in 0..rounds {
         let start = Instant::now();
-        let code = api.execute(&runner, "true").await?;
+        let (code, took) = api.execute_timed(&runner, "true").await?;
         subject.push(start.elapsed());
+        for (samples, d) in steps
+            .iter_mut()
+            .zip([took.post, took.upgrade, took.start, took.exit])
+        {
+            samples.push(d);
+        }
         if code != 0 {
             bail!("true exited with {code}");
         }
@@ -64,7 +71,14 @@ pub async fn execute(api: &Api, effort: Effort) -> anyhow::Result<Report> {
         per_s: 1e3 / subject.p50().max(1e-9),
         baseline_p50_ms: baseline.p50(),
         ratio: subject.p50() / baseline.p50().max(1e-9),
-        note: format!("{rounds} executions; baseline: bare fork+exec of `bash -c true`"),
+        note: format!(
+            "{rounds} executions; baseline: bare fork+exec of `bash -c true`; step p50s: \
+             POST {:.2} ms, upgrade {:.2} ms, start {:.2} ms, exit {:.2} ms",
+            steps[0].p50(),
+            steps[1].p50(),
+            steps[2].p50(),
+            steps[3].p50()
+        ),
         footprint: None,
     })
 }

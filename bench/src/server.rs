@@ -10,6 +10,19 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+/// The steps of one execution as a client sees them.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecutionSteps {
+    /// `POST /execute` until its answer.
+    pub post: Duration,
+    /// TCP connect and WebSocket upgrade.
+    pub upgrade: Duration,
+    /// Upgrade until the `start` frame.
+    pub start: Duration,
+    /// `start` until the `exit` frame.
+    pub exit: Duration,
+}
+
 /// A running server; killed (SIGTERM, then SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct ServerChild {
@@ -228,6 +241,16 @@ impl Api {
 
     /// Runs `command` through POST execute and the WebSocket; returns the exit code.
     pub async fn execute(&self, runner: &str, command: &str) -> anyhow::Result<i64> {
+        Ok(self.execute_timed(runner, command).await?.0)
+    }
+
+    /// [`Api::execute`], also returning how long each step took as the client sees it.
+    pub async fn execute_timed(
+        &self,
+        runner: &str,
+        command: &str,
+    ) -> anyhow::Result<(i64, ExecutionSteps)> {
+        let started = Instant::now();
         let body: Value = self
             .http
             .post(format!("{}/runners/{runner}/execute", self.base))
@@ -241,12 +264,26 @@ impl Api {
             .as_str()
             .context("no websocketUrl")?
             .to_owned();
+        let posted = Instant::now();
         let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+        let upgraded = Instant::now();
+        let mut start = None;
         while let Some(message) = socket.next().await {
             if let Message::Text(text) = message? {
                 let event: Value = serde_json::from_str(&text)?;
                 match event["type"].as_str() {
-                    Some("exit") => return Ok(event["data"].as_i64().unwrap_or(-1)),
+                    Some("start") => start = Some(Instant::now()),
+                    Some("exit") => {
+                        let exited = Instant::now();
+                        let start = start.unwrap_or(upgraded);
+                        let steps = ExecutionSteps {
+                            post: posted - started,
+                            upgrade: upgraded - posted,
+                            start: start - upgraded,
+                            exit: exited - start,
+                        };
+                        return Ok((event["data"].as_i64().unwrap_or(-1), steps));
+                    }
                     Some("timeout") | Some("error") => bail!("execution ended with {text}"),
                     _ => {}
                 }

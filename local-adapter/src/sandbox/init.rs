@@ -34,6 +34,8 @@ use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, w
 const KILL_AFTERMATH: Duration = Duration::from_secs(6);
 /// Longest one fork is retried, well within the server's control timeout (5 s).
 const FORK_RETRY_LIMIT: Duration = Duration::from_secs(2);
+/// How many empty execution cgroups the init keeps for reuse.
+const REUSABLE_CGROUPS: usize = 4;
 /// How long the init waits before preparing a standby leader again after a failed attempt.
 const STANDBY_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How long a request header may take to arrive; the init serves one header at a time.
@@ -203,7 +205,11 @@ struct Init<'a> {
     /// The user namespace every execution and file operation enters (see `INIT_ID`).
     exec_ns: OwnedFd,
     execs: HashMap<i32, Running>,
+    /// Execution cgroups whose execution finished, still to be removed.
     lingering: Vec<String>,
+    /// Empty execution cgroups, taken by the next executions instead of new ones: creating and
+    /// removing a cgroup costs more than checking that one is empty.
+    reusable: Vec<String>,
     counter: u64,
     /// When this init last killed an execution's tree: its processes hold places in the process
     /// table until they are gone and reaped.
@@ -245,6 +251,7 @@ fn serve(
         exec_ns,
         execs: HashMap::new(),
         lingering: Vec::new(),
+        reusable: Vec::new(),
         counter: 0,
         last_kill: std::cell::Cell::new(None),
         standby: None,
@@ -595,16 +602,7 @@ impl Init<'_> {
         };
 
         self.prune_cgroups();
-        self.counter += 1;
-        let cgroup = match (&self.cgroup, self.spec.exec_kill) {
-            (Some(dir), ExecKill::Freezer | ExecKill::CgroupKill) => {
-                let name = format!("e{}", self.counter);
-                nix::sys::stat::mkdirat(dir, name.as_str(), Mode::from_bits_truncate(0o755))
-                    .ok()
-                    .map(|()| name)
-            }
-            _ => None,
-        };
+        let cgroup = self.execution_cgroup();
         let forked = if retry {
             self.fork_reaping()
         } else {
@@ -785,14 +783,50 @@ impl Init<'_> {
         self.prune_cgroups();
     }
 
+    /// Moves the cgroups of finished executions that are empty to `reusable` (up to
+    /// [`REUSABLE_CGROUPS`]) and removes the other empty ones; those still holding processes
+    /// (an execution's background processes) stay lingering.
     fn prune_cgroups(&mut self) {
         let Some(dir) = &self.cgroup else {
             return;
         };
+        let reusable = &mut self.reusable;
+        let freezer = matches!(self.spec.exec_kill, ExecKill::Freezer);
         self.lingering.retain(|name| {
+            if reusable.len() < REUSABLE_CGROUPS {
+                let empty = read_at(dir, &format!("{name}/cgroup.procs"))
+                    .trim()
+                    .is_empty();
+                let thawed =
+                    !freezer || read_at(dir, &format!("{name}/freezer.state")).trim() == "THAWED";
+                if empty && thawed {
+                    reusable.push(name.clone());
+                    return false;
+                }
+                return true;
+            }
             nix::unistd::unlinkat(dir, name.as_str(), nix::unistd::UnlinkatFlags::RemoveDir)
                 .is_err()
         });
+    }
+
+    /// A cgroup for a new execution: an empty one a finished execution left, else a new one.
+    fn execution_cgroup(&mut self) -> Option<String> {
+        let dir = self.cgroup.as_ref()?;
+        if !matches!(
+            self.spec.exec_kill,
+            ExecKill::Freezer | ExecKill::CgroupKill
+        ) {
+            return None;
+        }
+        if let Some(name) = self.reusable.pop() {
+            return Some(name);
+        }
+        self.counter += 1;
+        let name = format!("e{}", self.counter);
+        nix::sys::stat::mkdirat(dir, name.as_str(), Mode::from_bits_truncate(0o755))
+            .ok()
+            .map(|()| name)
     }
 }
 
