@@ -25,7 +25,9 @@ use nix::unistd::{ForkResult, Pid, fork};
 use rustix::pty::{OpenptFlags, openpt, ptsname, unlockpt};
 
 use super::SandboxSpec;
-use super::leader::{self, ChildStdio, FORK_RETRY_PAUSE, LEADER_NO_PROCESS, Launch, Program};
+use super::leader::{
+    self, ChildStdio, FORK_RETRY_PAUSE, LEADER_EXITED, LEADER_NO_PROCESS, Launch, Program,
+};
 use super::setup::{self, StepError};
 use crate::cgroup::ExecKill;
 use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, write_msg};
@@ -259,21 +261,24 @@ fn serve(
     };
     loop {
         init.prepare_standby_when_idle();
-        let exec_pids: Vec<i32> = init
-            .execs
-            .iter()
-            .filter(|(_, r)| r.conn.is_some())
-            .map(|(p, _)| *p)
-            .collect();
+        // Per running execution whose answer is still due: its connection (a cancel) and its
+        // leader's status pipe (its report).
+        let mut watched: Vec<(i32, Watch)> = Vec::new();
         let mut readable = Vec::new();
         {
             let mut fds = vec![
                 PollFd::new(listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
             ];
-            for pid in &exec_pids {
-                if let Some(conn) = init.execs.get(pid).and_then(|r| r.conn.as_ref()) {
-                    fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+            for (pid, running) in &init.execs {
+                let Some(conn) = running.conn.as_ref() else {
+                    continue;
+                };
+                fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+                watched.push((*pid, Watch::Connection));
+                if let Some(status) = running.status.as_ref() {
+                    fds.push(PollFd::new(status.as_fd(), PollFlags::POLLIN));
+                    watched.push((*pid, Watch::Status));
                 }
             }
             match poll(&mut fds, PollTimeout::NONE) {
@@ -294,14 +299,23 @@ fn serve(
                     while let Ok(Some(_)) = sfd.read_signal() {}
                     init.reap();
                 }
-                n => {
-                    if let Some(pid) = exec_pids.get(n - 2) {
-                        init.check_cancel(*pid);
-                    }
-                }
+                n => match watched.get(n - 2) {
+                    Some((pid, Watch::Connection)) => init.check_cancel(*pid),
+                    Some((pid, Watch::Status)) => init.check_status(*pid),
+                    None => {}
+                },
             }
         }
     }
+}
+
+/// What the init watches of a running execution.
+#[derive(Clone, Copy)]
+enum Watch {
+    /// The server's connection: its end means a cancel.
+    Connection,
+    /// The leader's status pipe: its report of the command's end.
+    Status,
 }
 
 impl Init<'_> {
@@ -751,6 +765,33 @@ impl Init<'_> {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => {}
             }
+        }
+    }
+
+    /// Answers an execution from its leader's report, as soon as the command ended (the leader
+    /// exits after it); the execution's cgroup is tidied when the leader is reaped.
+    fn check_status(&mut self, pid: i32) {
+        let Some(running) = self.execs.get_mut(&pid) else {
+            return;
+        };
+        let Some(status) = running.status.as_ref() else {
+            return;
+        };
+        let mut report = [0u8; 2];
+        let response = match nix::unistd::read(status, &mut report) {
+            Ok(2) if report[0] == LEADER_EXITED => Response::Exit { code: report[1] },
+            Ok(n) if n >= 1 && report[0] == LEADER_NO_PROCESS => Response::ProcessLimit,
+            Err(Errno::EAGAIN) => return,
+            // The leader is gone without a report: its reaping answers.
+            Ok(_) | Err(_) => {
+                running.status = None;
+                return;
+            }
+        };
+        running.status = None;
+        if let Some(mut conn) = running.conn.take() {
+            let _ = conn.set_nonblocking(false);
+            let _ = write_msg(&mut conn, &response);
         }
     }
 

@@ -34,6 +34,10 @@ use crate::protocol::{MAX_REQUEST, read_msg};
 /// command.
 pub(super) const LEADER_NO_PROCESS: u8 = b'P';
 
+/// What a leader reports on its status pipe, followed by the exit code byte, when its command
+/// ended.
+pub(super) const LEADER_EXITED: u8 = b'X';
+
 /// The pause between attempts of a fork refused for the process limit.
 pub(super) const FORK_RETRY_PAUSE: Duration = Duration::from_millis(25);
 
@@ -187,8 +191,7 @@ pub(super) fn standby(
         let mut go = std::fs::File::from(go);
         if crate::protocol::write_msg(&mut go, &launch).is_ok() {
             drop(go);
-            drop(context.status);
-            lead(prepared, main)
+            lead(prepared, main, context.status)
         }
         // The waiting process is gone (killed from within the runner): fork another below.
         let _ = nix::sys::signal::kill(main, Signal::SIGKILL);
@@ -351,17 +354,18 @@ pub(super) fn launch_command(
             fail(127, "fork", &e)
         }
     };
-    drop(context.status);
     let _ = nix::unistd::setpgid(main, main);
     if terminal {
         let _ = nix::unistd::tcsetpgrp(std::io::stdin(), main);
     }
-    lead(prepared, main)
+    lead(prepared, main, context.status)
 }
 
-/// The leader's wait for its command `main`: exits with its exit code (128 + signal when it
-/// was killed), after making its own group the terminal's foreground one again.
-fn lead(prepared: Prepared, main: nix::unistd::Pid) -> ! {
+/// The leader's wait for its command `main`: when it ends, the leader makes its own group the
+/// terminal's foreground one again, lets go of the terminal, reports [`LEADER_EXITED`] and the
+/// exit code (128 + signal when it was killed) on `status`, and exits with that code. The init
+/// answers the execution's exit from the report, without waiting for the leader's own exit.
+fn lead(prepared: Prepared, main: nix::unistd::Pid, status: Option<OwnedFd>) -> ! {
     let terminal = prepared.terminal;
     // SAFETY: closing our copies of the standard descriptors; with a terminal, stdin stays to
     // restore the foreground group.
@@ -382,6 +386,13 @@ fn lead(prepared: Prepared, main: nix::unistd::Pid) -> ! {
     };
     if terminal {
         let _ = nix::unistd::tcsetpgrp(std::io::stdin(), nix::unistd::getpgrp());
+        // SAFETY: the terminal's last use; the server sees its end once no process holds it.
+        unsafe {
+            libc::close(0);
+        }
+    }
+    if let Some(status) = &status {
+        let _ = nix::unistd::write(status, &[LEADER_EXITED, code as u8]);
     }
     // SAFETY: `_exit` ends the forked leader without running destructors.
     unsafe { libc::_exit(code) }
