@@ -48,6 +48,9 @@ pub(crate) fn serve(
     let response = match super::setup::enter_execution_namespace(userns, privileged) {
         Err(message) => Response::Error { message },
         Ok(()) => {
+            // The helper touches little memory, all of it fresh to this process: small pages
+            // keep each first touch cheap (a transparent huge page is 2 MiB to zero).
+            let _ = rustix::thread::disable_transparent_huge_pages(true);
             // As for a command: `/proc/self/cwd` and relative lookups see the working directory.
             let _ = nix::unistd::chdir(WORKSPACE);
             match request {
@@ -63,7 +66,8 @@ pub(crate) fn serve(
         }
     };
     let _ = write_msg(&mut conn, &response);
-    std::process::exit(0)
+    // Nothing is buffered and nothing needs dropping: end without the runtime's cleanup.
+    super::init::exit_helper()
 }
 
 /// `path.Clean` of Go, on an absolute path: `.`, `..` and repeated slashes resolved lexically.
@@ -505,7 +509,7 @@ fn read(conn: &mut UnixStream, client_path: &str) -> Response {
     }
     if meta.len() > 0 {
         if write_msg(conn, &Response::File { size: meta.len() }).is_err() {
-            std::process::exit(0);
+            super::init::exit_helper();
         }
         let _ = io::copy(&mut file.take(meta.len()), conn);
     } else {
@@ -529,7 +533,7 @@ fn read(conn: &mut UnixStream, client_path: &str) -> Response {
             let _ = conn.write_all(&content);
         }
     }
-    std::process::exit(0)
+    super::init::exit_helper()
 }
 
 #[cfg(test)]

@@ -126,7 +126,14 @@ pub(crate) fn init_programs() -> Result<[BpfProgram; 3], SeccompError> {
 }
 
 /// A program denying `setns` (EPERM), stacked by the init's children on the init's programs.
-pub(crate) fn setns_program() -> Result<BpfProgram, SeccompError> {
+///
+/// Built once per process and kept: the init builds it before it serves (see
+/// `setup::harden`), so its forked children install it without compiling it again.
+pub(crate) fn setns_program() -> Result<&'static BpfProgram, SeccompError> {
+    static PROGRAM: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
+    if let Some(program) = PROGRAM.get() {
+        return Ok(program);
+    }
     let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_setns, vec![])].into();
     let filter = SeccompFilter::new(
         rules,
@@ -134,7 +141,8 @@ pub(crate) fn setns_program() -> Result<BpfProgram, SeccompError> {
         SeccompAction::Errno(libc::EPERM as u32),
         arch()?,
     )?;
-    Ok(filter.try_into()?)
+    let program: BpfProgram = filter.try_into()?;
+    Ok(PROGRAM.get_or_init(|| program))
 }
 
 fn build(deny_setns: bool) -> Result<[BpfProgram; 3], SeccompError> {
