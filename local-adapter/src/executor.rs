@@ -1456,9 +1456,7 @@ impl ExecutorApi for LocalExecutor {
                     ))
                     .into()
                 };
-                for c in &batch.copy {
-                    io::Write::write_all(&mut conn, &c.content).map_err(helper_ended)?;
-                }
+                write_contents(&mut conn, &batch.copy).map_err(helper_ended)?;
                 responses.push(read_msg(&mut conn, MAX_RESPONSE).map_err(helper_ended)?);
             }
             Ok(responses)
@@ -1666,6 +1664,31 @@ fn update_batches(update: &FileUpdate) -> Vec<UpdateBatch<'_>> {
         }
     }
     batches
+}
+
+/// Most file contents handed to one `writev`.
+const CONTENTS_PER_WRITE: usize = 256;
+
+/// Sends the contents of `copies` back to back, many files per system call (a gathered write,
+/// nothing copied): per-file writes would cost a system call, and a wakeup of the helper, each.
+fn write_contents(conn: &mut UnixStream, copies: &[&FileCopy]) -> io::Result<()> {
+    for group in copies.chunks(CONTENTS_PER_WRITE) {
+        let mut slices: Vec<io::IoSlice<'_>> = group
+            .iter()
+            .filter(|c| !c.content.is_empty())
+            .map(|c| io::IoSlice::new(&c.content))
+            .collect();
+        let mut pending = &mut slices[..];
+        while !pending.is_empty() {
+            match io::Write::write_vectored(conn, pending) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut pending, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Moves one execution's bytes: PTY master → `Stdout`, stderr pipe → `Stderr`, stdin channel →
