@@ -1050,13 +1050,15 @@ fn init_gone(handle: &Handle) -> bool {
 }
 
 /// Settings for mimalloc (the server binary's allocator), read by the helper and so by the
-/// runner's init, which is the helper's fork: freed memory goes back to the system at once and
-/// arenas are committed as they are used. The init keeps only what it uses resident, which is
-/// every runner's idle memory and what each execution's fork copies. Without mimalloc they are
-/// ignored.
-const HELPER_ALLOCATOR_ENV: [(&str, &str); 2] = [
+/// runner's init, which is the helper's fork: freed memory goes back to the system at once,
+/// arenas are committed as they are used, and no transparent huge pages (a huge page touched
+/// once stays, split, as 512 small ones). The init keeps only what it uses resident, which is
+/// every runner's idle memory and what each fork of the init copies (file operations,
+/// executions): about 1 MiB instead of 4.8 MiB. Without mimalloc they are ignored.
+const HELPER_ALLOCATOR_ENV: [(&str, &str); 3] = [
     ("MIMALLOC_PURGE_DELAY", "0"),
     ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+    ("MIMALLOC_ALLOW_THP", "0"),
 ];
 
 async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
@@ -1465,9 +1467,7 @@ impl ExecutorApi for LocalExecutor {
                     ))
                     .into()
                 };
-                for c in &batch.copy {
-                    io::Write::write_all(&mut conn, &c.content).map_err(helper_ended)?;
-                }
+                write_contents(&mut conn, &batch.copy).map_err(helper_ended)?;
                 responses.push(read_msg(&mut conn, MAX_RESPONSE).map_err(helper_ended)?);
             }
             Ok(responses)
@@ -1675,6 +1675,31 @@ fn update_batches(update: &FileUpdate) -> Vec<UpdateBatch<'_>> {
         }
     }
     batches
+}
+
+/// Most file contents handed to one `writev`.
+const CONTENTS_PER_WRITE: usize = 256;
+
+/// Sends the contents of `copies` back to back, many files per system call (a gathered write,
+/// nothing copied): per-file writes would cost a system call, and a wakeup of the helper, each.
+fn write_contents(conn: &mut UnixStream, copies: &[&FileCopy]) -> io::Result<()> {
+    for group in copies.chunks(CONTENTS_PER_WRITE) {
+        let mut slices: Vec<io::IoSlice<'_>> = group
+            .iter()
+            .filter(|c| !c.content.is_empty())
+            .map(|c| io::IoSlice::new(&c.content))
+            .collect();
+        let mut pending = &mut slices[..];
+        while !pending.is_empty() {
+            match io::Write::write_vectored(conn, pending) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut pending, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Moves one execution's bytes: PTY master → `Stdout`, stderr pipe → `Stderr`, stdin channel →

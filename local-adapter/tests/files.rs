@@ -117,6 +117,54 @@ async fn copied_files_are_root_owned_0744_and_listed_like_ls() {
     f.destroy(&r).await;
 }
 
+/// Files created in a directory whose new files take another group (set-group-ID), files that
+/// existed already with another owner and mode, and a batch into one directory all end up
+/// root-owned 0744, whichever way the helper created them.
+#[tokio::test(flavor = "multi_thread")]
+async fn copies_end_up_root_owned_0744_in_set_group_id_dirs_and_over_existing_files() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let mut setup = request(
+        "mkdir -p sgid plain && chown 1000:1000 sgid && chmod 2777 sgid \
+         && echo old > plain/old.txt && chown 1000:1000 plain/old.txt && chmod 0600 plain/old.txt",
+    );
+    setup.privileged_execution = true;
+    let o = run_with(&f.executor, &r, setup, None).await;
+    assert_eq!(o.code(), Some(0), "{}", o.err());
+    let mut copies = vec![copy("sgid/a.txt", "A"), copy("plain/old.txt", "new")];
+    copies.extend((0..20).map(|i| copy(&format!("plain/f{i}.txt"), "F")));
+    copies.push(copy("sgid/b.txt", "B"));
+    f.executor.update_files(&r, &update(copies)).await.unwrap();
+    let o = run(
+        &f.executor,
+        &r,
+        "stat -c '%n %U:%G %a' sgid/a.txt sgid/b.txt plain/old.txt plain/f0.txt plain/f19.txt \
+         && cat plain/old.txt sgid/b.txt",
+    )
+    .await;
+    assert_eq!(
+        o.out(),
+        "sgid/a.txt root:root 744\r\nsgid/b.txt root:root 744\r\nplain/old.txt root:root 744\r\n\
+         plain/f0.txt root:root 744\r\nplain/f19.txt root:root 744\r\nnewB",
+        "{}",
+        o.err()
+    );
+    let listed = f
+        .executor
+        .list_files(&r, &list("plain", false, false))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 21);
+    assert!(
+        listed.iter().all(
+            |h| (h.owner.as_str(), h.group.as_str(), h.permissions.as_str())
+                == ("root", "root", "rwxr--r--")
+        ),
+        "{listed:?}"
+    );
+    f.destroy(&r).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deletes_happen_before_copies() {
     let f = Fixture::new().await;

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,9 @@ use crate::protocol::{CopyHeader, Entry, Failure, Response, write_msg};
 
 /// The working directory relative paths are resolved against.
 pub(crate) const WORKSPACE: &str = "/workspace";
+
+/// How much file content the helper reads from its connection at once.
+const CONTENT_BUFFER: usize = 64 << 10;
 
 /// Largest listing returned (entries), so a huge tree cannot exhaust memory.
 const MAX_ENTRIES: usize = 100_000;
@@ -48,6 +51,9 @@ pub(crate) fn serve(
     let response = match super::setup::enter_execution_namespace(userns, privileged) {
         Err(message) => Response::Error { message },
         Ok(()) => {
+            // The helper touches little memory, all of it fresh to this process: small pages
+            // keep each first touch cheap (a transparent huge page is 2 MiB to zero).
+            let _ = rustix::thread::disable_transparent_huge_pages(true);
             // As for a command: `/proc/self/cwd` and relative lookups see the working directory.
             let _ = nix::unistd::chdir(WORKSPACE);
             match request {
@@ -63,7 +69,8 @@ pub(crate) fn serve(
         }
     };
     let _ = write_msg(&mut conn, &response);
-    std::process::exit(0)
+    // Nothing is buffered and nothing needs dropping: end without the runtime's cleanup.
+    super::init::exit_helper()
 }
 
 /// `path.Clean` of Go, on an absolute path: `.`, `..` and repeated slashes resolved lexically.
@@ -147,24 +154,28 @@ fn update(conn: &mut UnixStream, delete: &[String], copies: &[CopyHeader]) -> Re
         }
     }
     let mut failures = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
+    // The contents arrive back to back: one read fetches many small files.
+    let mut content = io::BufReader::with_capacity(CONTENT_BUFFER, &*conn);
+    // The parent directory of the previous copy: a batch of files in one directory creates (or
+    // checks) it once.
+    let mut parent: Option<Parent> = None;
     for c in copies {
         // Content streams from the connection into the file: a file as big as the runner's
         // memory must not be held in it. A failed file's remaining bytes are read and dropped.
-        let (mut file, mut failure) = match open_target(&c.path) {
-            Ok(file) => (file, None),
-            Err(reason) => (None, Some(reason)),
+        let (mut file, mut failure, settled) = match open_target(&c.path, &mut parent) {
+            Ok(Some(target)) => (Some(target.file), None, target.settled),
+            Ok(None) => (None, None, true),
+            Err(reason) => (None, Some(reason), true),
         };
         let mut left = c.len;
         while left > 0 {
-            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-            let n = match conn.read(&mut buf[..want]) {
-                Ok(0) => {
+            let chunk = match content.fill_buf() {
+                Ok([]) => {
                     return Response::Error {
                         message: "file content ended early".into(),
                     };
                 }
-                Ok(n) => n,
+                Ok(chunk) => chunk,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     return Response::Error {
@@ -172,17 +183,19 @@ fn update(conn: &mut UnixStream, delete: &[String], copies: &[CopyHeader]) -> Re
                     };
                 }
             };
-            left -= n as u64;
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
             if let Some(f) = file.as_mut()
-                && let Err(e) = f.write_all(&buf[..n])
+                && let Err(e) = f.write_all(&chunk[..n])
             {
                 failure = Some(format!("Cannot write: {}", errno_text(&e)));
                 file = None;
                 // A truncated file would only hold on to the space the other files need.
                 let _ = fs::remove_file(resolve(&c.path));
             }
+            content.consume(n);
+            left -= n as u64;
         }
-        if let Some(f) = file {
+        if let Some(f) = file.filter(|_| !settled) {
             // The file is written; a mode or owner it did not get is still reported, so the
             // client does not take a file it cannot use for a good one.
             if let Err(e) = f.set_permissions(fs::Permissions::from_mode(0o744)) {
@@ -226,12 +239,67 @@ fn create_parents(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Prepares one copy target: creates its parent directories, then either the directory itself
+/// A file to write the content of a copy to.
+struct Target {
+    file: fs::File,
+    /// The file was created with its final mode (0744) and owner (root), so neither needs
+    /// setting.
+    settled: bool,
+}
+
+/// The parent directory of the latest copy target, made sure of (created) once for all the
+/// copies into it.
+struct Parent {
+    path: PathBuf,
+    /// The directory, open when new files in it get their final mode and owner on creation: it
+    /// is not on procfs, not set-group-ID (a new file would take its group) and has no default
+    /// ACL (which would replace the mode). A descriptor of a directory inside the runner, found
+    /// the way the target path itself is: it reaches nothing the paths do not.
+    plain: Option<OwnedFd>,
+}
+
+impl Parent {
+    fn made_sure_of(path: &Path) -> Parent {
+        Parent {
+            path: path.to_path_buf(),
+            plain: plain_directory(path),
+        }
+    }
+}
+
+/// `path` opened when files created in it come out as [`Parent::plain`] describes.
+fn plain_directory(path: &Path) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let dir = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    if rustix::fs::fstatfs(&dir).ok()?.f_type == rustix::fs::PROC_SUPER_MAGIC
+        || rustix::fs::fstat(&dir).ok()?.st_mode & libc::S_ISGID != 0
+    {
+        return None;
+    }
+    match rustix::fs::fgetxattr_query(&dir, "system.posix_acl_default") {
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::OPNOTSUPP) => Some(dir),
+        Ok(_) | Err(_) => None,
+    }
+}
+
+/// Prepares one copy target: creates its parent directories (unless `parent` already holds
+/// them, made sure of for an earlier copy of the same update), then either the directory itself
 /// (a path ending in `/`; no file to write) or an empty root-owned file to write the content to.
-fn open_target(client_path: &str) -> Result<Option<fs::File>, String> {
+/// `parent` becomes this target's parent.
+fn open_target(client_path: &str, parent: &mut Option<Parent>) -> Result<Option<Target>, String> {
+    use rustix::fs::{Mode, OFlags};
     let is_dir = client_path.ends_with('/');
     let path = PathBuf::from(resolve(client_path));
-    create_parents(&path)?;
+    if path.parent() != parent.as_ref().map(|p| p.path.as_path()) {
+        *parent = None;
+        create_parents(&path)?;
+        *parent = path.parent().map(Parent::made_sure_of);
+    }
     if is_dir {
         match fs::DirBuilder::new().mode(0o1777).create(&path) {
             Ok(()) => {}
@@ -241,6 +309,28 @@ fn open_target(client_path: &str) -> Result<Option<fs::File>, String> {
         return fs::set_permissions(&path, fs::Permissions::from_mode(0o1777))
             .map(|()| None)
             .map_err(|e| format!("Cannot change mode: {}", errno_text(&e)));
+    }
+    // A new file in a plain directory: created as it must end up, relative to the open
+    // directory. A name that exists already takes the path-based way below.
+    if let (Some(dir), Some(name)) = (
+        parent.as_ref().and_then(|p| p.plain.as_ref()),
+        path.file_name(),
+    ) {
+        match rustix::fs::openat(
+            dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o744),
+        ) {
+            Ok(fd) => {
+                return Ok(Some(Target {
+                    file: fs::File::from(fd),
+                    settled: true,
+                }));
+            }
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(format!("Cannot open: {}", errno_text(&e.into()))),
+        }
     }
     let open_new = || {
         fs::OpenOptions::new()
@@ -275,7 +365,10 @@ fn open_target(client_path: &str) -> Result<Option<fs::File>, String> {
     if rustix::fs::fstatfs(&file).map_or(true, |fs| fs.f_type == rustix::fs::PROC_SUPER_MAGIC) {
         return Err("Cannot open: Operation not permitted".into());
     }
-    Ok(Some(file))
+    Ok(Some(Target {
+        file,
+        settled: false,
+    }))
 }
 
 fn names(file: &str) -> HashMap<u32, String> {
@@ -505,7 +598,7 @@ fn read(conn: &mut UnixStream, client_path: &str) -> Response {
     }
     if meta.len() > 0 {
         if write_msg(conn, &Response::File { size: meta.len() }).is_err() {
-            std::process::exit(0);
+            super::init::exit_helper();
         }
         let _ = io::copy(&mut file.take(meta.len()), conn);
     } else {
@@ -529,7 +622,7 @@ fn read(conn: &mut UnixStream, client_path: &str) -> Response {
             let _ = conn.write_all(&content);
         }
     }
-    std::process::exit(0)
+    super::init::exit_helper()
 }
 
 #[cfg(test)]

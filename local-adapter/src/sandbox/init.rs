@@ -871,8 +871,45 @@ impl Init<'_> {
     }
 }
 
-/// Closes every descriptor of this (single-threaded, forked) process above stderr except `keep`.
+/// Ends a forked file helper at once: nothing of it is buffered or needs dropping, so the
+/// runtime's cleanup at exit would only touch memory to no purpose.
+pub(super) fn exit_helper() -> ! {
+    // SAFETY: `_exit` ends the forked, single-threaded helper without running destructors.
+    unsafe { libc::_exit(0) }
+}
+
+/// Closes every descriptor of this (single-threaded, forked) process above stderr except `keep`:
+/// `close_range` over the gaps between the kept ones, or (a kernel without it) each descriptor
+/// listed in `/proc/self/fd`.
 fn close_all_but(keep: &[std::os::fd::RawFd]) {
+    let mut from: std::os::fd::RawFd = 3;
+    loop {
+        let next_kept = keep.iter().copied().filter(|&fd| fd >= from).min();
+        let last = next_kept.map_or(libc::c_uint::MAX, |fd| (fd as libc::c_uint).wrapping_sub(1));
+        if next_kept != Some(from) {
+            // SAFETY: closing descriptors of a freshly forked, single-threaded child; no object of
+            // this process uses them afterwards.
+            let closed = unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    from as libc::c_uint,
+                    last,
+                    0 as libc::c_uint,
+                )
+            };
+            if closed != 0 {
+                return close_listed_but(keep);
+            }
+        }
+        match next_kept {
+            Some(fd) => from = fd + 1,
+            None => return,
+        }
+    }
+}
+
+/// [`close_all_but`] by listing `/proc/self/fd`.
+fn close_listed_but(keep: &[std::os::fd::RawFd]) {
     let open: Vec<std::os::fd::RawFd> = match std::fs::read_dir("/proc/self/fd") {
         Ok(entries) => entries
             .flatten()

@@ -126,18 +126,14 @@ pub(crate) fn init_programs() -> Result<[BpfProgram; 3], SeccompError> {
 }
 
 /// A program denying `setns` (EPERM), stacked by the init's children on the init's programs.
-/// Compiled once per process: the init compiles it before it forks (see `setup::harden`), so
-/// its children only copy it.
-pub(crate) fn setns_program() -> Result<BpfProgram, SeccompError> {
-    static COMPILED: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
-    if let Some(program) = COMPILED.get() {
-        return Ok(program.clone());
+///
+/// Built once per process and kept: the init builds it before it serves (see
+/// `setup::harden`), so its forked children install it without compiling it again.
+pub(crate) fn setns_program() -> Result<&'static BpfProgram, SeccompError> {
+    static PROGRAM: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
+    if let Some(program) = PROGRAM.get() {
+        return Ok(program);
     }
-    let program = compile_setns_program()?;
-    Ok(COMPILED.get_or_init(|| program).clone())
-}
-
-fn compile_setns_program() -> Result<BpfProgram, SeccompError> {
     let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_setns, vec![])].into();
     let filter = SeccompFilter::new(
         rules,
@@ -145,7 +141,8 @@ fn compile_setns_program() -> Result<BpfProgram, SeccompError> {
         SeccompAction::Errno(libc::EPERM as u32),
         arch()?,
     )?;
-    Ok(filter.try_into()?)
+    let program: BpfProgram = filter.try_into()?;
+    Ok(PROGRAM.get_or_init(|| program))
 }
 
 fn build(deny_setns: bool) -> Result<[BpfProgram; 3], SeccompError> {

@@ -646,8 +646,12 @@ pub(crate) fn enter_execution_namespace(
     }
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(|e| format!("set non-dumpable: {e}"))?;
+    // The init may run without transparent huge pages (the server's allocator leaves them off
+    // there, see `spawn_sandbox`): what runs in the runner gets the host's policy, as any
+    // process would.
+    let _ = rustix::thread::disable_transparent_huge_pages(false);
     let program = super::seccomp::setns_program().map_err(|e| e.to_string())?;
-    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))
+    seccompiler::apply_filter(program).map_err(|e| format!("seccomp: {e}"))
 }
 
 /// A process that entered the execution namespace as its root (see
@@ -671,10 +675,10 @@ pub(crate) fn harden() -> Result<()> {
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(step("set non-dumpable"))?;
     rustix::thread::set_no_new_privs(true).map_err(step("no_new_privs"))?;
-    // Compiled here, before the first fork, so no child compiles it again.
-    super::seccomp::setns_program().map_err(step("seccomp filter"))?;
     // Without the `setns` rule, which its children still need once (they add it themselves).
     let programs = super::seccomp::init_programs().map_err(step("seccomp filter"))?;
+    // Built now, once, rather than in every child (`enter_execution_namespace`).
+    super::seccomp::setns_program().map_err(step("seccomp filter"))?;
     super::seccomp::install(&programs).map_err(step("seccomp (kernel with CONFIG_SECCOMP_FILTER)"))
 }
 
