@@ -81,7 +81,7 @@ async fn read_until(output: &mut local_adapter::ProcessOutput, want: &str) -> St
     String::from_utf8_lossy(&seen).into_owned()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn without_a_tty_argv_is_verbatim_and_stdout_and_stderr_stay_apart() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -107,9 +107,10 @@ async fn without_a_tty_argv_is_verbatim_and_stdout_and_stderr_stay_apart() {
     assert_eq!(done.stderr, "err\n");
     assert_eq!(done.exit, SpawnExit::Exited(3));
     assert_eq!(done.exit.code(), 3);
+    f.destroy(&r).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn stdin_is_a_pipe_and_closing_it_is_eof() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -141,9 +142,10 @@ async fn stdin_is_a_pipe_and_closing_it_is_eof() {
     let done = finish(process).await;
     assert_eq!(done.stdout, "one\ntwo");
     assert_eq!(done.exit, SpawnExit::Exited(0));
+    f.destroy(&r).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_tty_merges_stderr_echoes_input_and_starts_at_80x24() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -170,9 +172,10 @@ async fn a_tty_merges_stderr_echoes_input_and_starts_at_80x24() {
     let done = finish(process).await;
     assert_eq!(done.stdout, "Hello World!\r\nHello World!\r\n");
     assert_eq!(done.exit, SpawnExit::Exited(0));
+    f.destroy(&r).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_resize_is_visible_to_the_process() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -198,9 +201,10 @@ async fn a_resize_is_visible_to_the_process() {
         .unwrap();
     let refused = process.control.resize(50, 132).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput);
+    f.destroy(&r).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn control_characters_signal_the_foreground_job_and_signals_give_128_plus() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -221,9 +225,10 @@ async fn control_characters_signal_the_foreground_job_and_signals_give_128_plus(
 
     let done = run(&f, &r, request(&["/bin/sh", "-c", "kill -TERM $$"], false)).await;
     assert_eq!(done.exit, SpawnExit::Exited(143));
+    f.destroy(&r).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_missing_program_is_127_and_bad_argv_is_refused() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -261,9 +266,10 @@ async fn a_missing_program_is_127_and_bad_argv_is_refused() {
     // The runner still works.
     let done = run(&f, &r, request(&["echo", "fine"], false)).await;
     assert_eq!(done.stdout, "fine\n");
+    f.destroy(&r).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn users_environment_and_working_directory() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -306,6 +312,7 @@ async fn users_environment_and_working_directory() {
     let done = run(&f, &r, drop_to_user).await;
     assert_eq!(done.stdout, "1000\n", "{:?}", done.stderr);
     assert_eq!(done.exit, SpawnExit::Exited(0));
+    f.destroy(&r).await;
 }
 
 /// How many processes named `sleep` the runner has.
@@ -325,7 +332,7 @@ async fn sleepers(f: &Fixture, r: &RunnerId) -> usize {
     done.stdout.lines().filter(|l| *l == "sleep").count()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn kill_ends_the_whole_tree_and_so_does_dropping_the_control() {
     let f = Fixture::new().await;
     let r = f.runner().await;
@@ -367,9 +374,10 @@ async fn kill_ends_the_whole_tree_and_so_does_dropping_the_control() {
         }
         assert_eq!(left, 0, "processes survived the kill (by drop: {by_drop})");
     }
+    f.destroy(&r).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_destroyed_runner_ends_its_processes() {
     let f = Fixture::new().await;
     let r = f.runner().await;
