@@ -960,9 +960,9 @@ impl Inner {
         };
         Limits {
             memory_bytes: u64::from(mb) << 20,
-            // Two more places for the init's standby leader and its waiting command process,
-            // which the runner's own code never sees as its processes.
-            max_processes: self.config.max_processes.saturating_add(2),
+            // One more place for the init's standby leader, which the runner's own code never
+            // sees as one of its processes.
+            max_processes: self.config.max_processes.saturating_add(1),
             cpu_shares: Limits::cpu_shares_from_mhz(spec.cpu_limit),
         }
     }

@@ -111,11 +111,6 @@ pub(super) fn reset_signals() {
 /// (`procs` is its `cgroup.procs`), the terminal as controlling terminal, stdio in place.
 pub(super) fn prepare(stdio: ChildStdio, procs: Option<OwnedFd>) -> Prepared {
     reset_signals();
-    // The leader hands the terminal's foreground to its command's group and takes it back
-    // before it exits, from the background.
-    // SAFETY: ignoring SIGTTOU has no handler to race with.
-    let _ =
-        unsafe { nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn) };
     if let Err(e) = nix::unistd::setsid() {
         fail(127, "setsid", &e);
     }
@@ -168,15 +163,7 @@ pub(super) fn standby(
     context: Context<'_>,
 ) -> ! {
     let prepared = prepare(stdio, procs);
-    // The command's process is forked ahead too, and waits for the command on `go`. When that
-    // fork fails (the process table is full), the leader forks at launch as usual.
-    let mut socket = Some(socket);
-    let waiting = fork_waiting_command(&prepared, &context, &mut socket);
-    let Some(mut socket) = socket else {
-        // SAFETY: exiting a forked child without unwinding (not reached: only the waiting
-        // process gives the socket up).
-        unsafe { libc::_exit(127) }
-    };
+    let mut socket = socket;
     let launch: Launch = match read_msg(&mut socket, MAX_REQUEST) {
         Ok(launch) => launch,
         // SAFETY: exiting a forked child without unwinding.
@@ -186,16 +173,6 @@ pub(super) fn standby(
     let Some(command) = setup::cstring(&launch.command) else {
         fail(127, "command", &"contains NUL")
     };
-    if let Some((main, go)) = waiting {
-        give_stdio(&prepared, launch.privileged);
-        let mut go = std::fs::File::from(go);
-        if crate::protocol::write_msg(&mut go, &launch).is_ok() {
-            drop(go);
-            lead(prepared, main, context.status)
-        }
-        // The waiting process is gone (killed from within the runner): fork another below.
-        let _ = nix::sys::signal::kill(main, Signal::SIGKILL);
-    }
     let envp: Vec<CString> = launch
         .envp
         .iter()
@@ -212,94 +189,6 @@ pub(super) fn standby(
     )
 }
 
-/// Forks a standby's command process: in its own process group (the terminal's foreground
-/// one), with the command's limits, in the execution namespace as its root, not dumpable and
-/// under the filter; then it waits for its [`Launch`] on the returned pipe, takes the user's
-/// ids unless privileged, and executes `bash -c`. `None` when the fork fails.
-fn fork_waiting_command(
-    prepared: &Prepared,
-    context: &Context<'_>,
-    socket: &mut Option<UnixStream>,
-) -> Option<(nix::unistd::Pid, OwnedFd)> {
-    let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ok()?;
-    // SAFETY: this leader is single-threaded (forked from the single-threaded init).
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            drop(go_w);
-            // The leader's socket to the init is the leader's alone: a launch the init sends to
-            // a dead leader must fail, not wait here.
-            drop(socket.take());
-            let me = nix::unistd::getpid();
-            let _ = nix::unistd::setpgid(me, me);
-            if prepared.terminal {
-                let _ = nix::unistd::tcsetpgrp(std::io::stdin(), me);
-            }
-            reset_signals();
-            // SAFETY: restoring the default disposition has no handler to race with.
-            let _ = unsafe {
-                nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)
-            };
-            set_limits(context.limits);
-            if let Err(e) = setup::enter_execution_namespace(context.userns, true) {
-                fail(127, "credentials", &e);
-            }
-            let mut go = std::fs::File::from(go_r);
-            let launch: Launch = match read_msg(&mut go, MAX_REQUEST) {
-                Ok(launch) => launch,
-                // SAFETY: exiting a forked child without unwinding.
-                Err(_) => unsafe { libc::_exit(0) },
-            };
-            drop(go);
-            if !launch.privileged
-                && let Err(e) = setup::become_user()
-            {
-                fail(127, "credentials", &e);
-            }
-            let Some(command) = setup::cstring(&launch.command) else {
-                fail(127, "command", &"contains NUL")
-            };
-            let envp: Vec<CString> = launch
-                .envp
-                .iter()
-                .filter_map(|e| setup::cstring(e))
-                .collect();
-            exec_shell(&command, &envp)
-        }
-        Ok(ForkResult::Parent { child }) => {
-            drop(go_r);
-            let _ = nix::unistd::setpgid(child, child);
-            if prepared.terminal {
-                let _ = nix::unistd::tcsetpgrp(std::io::stdin(), child);
-            }
-            Some((child, go_w))
-        }
-        Err(_) => None,
-    }
-}
-
-/// Hands the terminal or pipes to the execution's user: reopening them (`/dev/stdin`,
-/// `/proc/self/fd/N`) checks the owner, and the init's own ids are out of the execution's
-/// reach.
-fn give_stdio(prepared: &Prepared, privileged: bool) {
-    let (uid, gid) = if privileged {
-        (0, 0)
-    } else {
-        (USER_ID, USER_ID)
-    };
-    let owned: &[i32] = if prepared.terminal { &[0] } else { &[0, 1, 2] };
-    for fd in owned {
-        // SAFETY: the standard descriptors are open (set up by `prepare`) for this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
-        let _ = nix::unistd::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
-    }
-}
-
-fn set_limits(limits: (u64, u64)) {
-    use nix::sys::resource::{Resource, setrlimit};
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, limits.0, limits.0);
-    let _ = setrlimit(Resource::RLIMIT_FSIZE, limits.1, limits.1);
-}
-
 /// Step two: hands the terminal or pipes to the execution's user, forks the command (which
 /// drops to `user` unless privileged) and waits for it as the session leader; exits with the
 /// command's exit code (128 + signal when it was killed).
@@ -311,8 +200,23 @@ pub(super) fn launch_command(
     fork_deadline: Instant,
     context: Context<'_>,
 ) -> ! {
-    give_stdio(&prepared, privileged);
-    let terminal = prepared.terminal;
+    let Prepared { terminal } = prepared;
+    let (uid, gid) = if privileged {
+        (0, 0)
+    } else {
+        (USER_ID, USER_ID)
+    };
+    // Owned by the execution's user: reopening them (`/dev/stdin`, `/proc/self/fd/N`) checks
+    // the owner, and the init's own ids are out of the execution's reach.
+    let owned: &[i32] = if terminal { &[0] } else { &[0, 1, 2] };
+    for fd in owned {
+        // SAFETY: the standard descriptors are open (set up by `prepare`) for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
+        let _ = nix::unistd::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    }
+    // SAFETY: ignoring SIGTTOU has no handler to race with.
+    let _ =
+        unsafe { nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn) };
     // The leader cannot reap (the init does), but in the aftermath of a kill it may wait for
     // places in the process table to come free.
     let forked = loop {
@@ -409,14 +313,25 @@ struct Command<'a> {
 /// The command's own process: limits, credentials, working directory, then `bash -c` or the
 /// argv.
 fn exec_command(c: Command<'_>) -> ! {
-    set_limits(c.limits);
+    use nix::sys::resource::{Resource, setrlimit};
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, c.limits.0, c.limits.0);
+    let _ = setrlimit(Resource::RLIMIT_FSIZE, c.limits.1, c.limits.1);
     if let Err(e) = setup::enter_execution_namespace(c.userns, c.privileged) {
         fail(127, "credentials", &e);
     }
+    if nix::unistd::chdir("/workspace").is_err() {
+        let _ = nix::unistd::chdir("/");
+    }
     match c.program {
-        Program::Shell(command) => exec_shell(&command, &c.envp),
+        Program::Shell(command) => {
+            let dash_c = c"-c";
+            for shell in [c"/bin/bash", c"/bin/sh"] {
+                let argv = [shell, dash_c, command.as_c_str()];
+                let _ = nix::unistd::execve(shell, &argv, &c.envp);
+            }
+            fail(127, "exec /bin/bash", &Errno::last())
+        }
         Program::Argv(argv) => {
-            enter_workspace();
             let name = argv[0].to_string_lossy().into_owned();
             let error = exec_in_path(&argv, &c.envp);
             // As a shell reports it: 127 for a program not found, 126 for one not executable.
@@ -428,24 +343,6 @@ fn exec_command(c: Command<'_>) -> ! {
             fail(code, &format!("exec {name}"), &error)
         }
     }
-}
-
-/// The command's working directory: the workspace, or `/` when it is gone.
-fn enter_workspace() {
-    if nix::unistd::chdir("/workspace").is_err() {
-        let _ = nix::unistd::chdir("/");
-    }
-}
-
-/// Executes `bash -c command` (`sh` without bash) in the workspace.
-fn exec_shell(command: &CString, envp: &[CString]) -> ! {
-    enter_workspace();
-    let dash_c = c"-c";
-    for shell in [c"/bin/bash", c"/bin/sh"] {
-        let argv = [shell, dash_c, command.as_c_str()];
-        let _ = nix::unistd::execve(shell, &argv, envp);
-    }
-    fail(127, "exec /bin/bash", &Errno::last())
 }
 
 /// Executes `argv`, looking `argv[0]` up in the `PATH` of `envp` unless it contains a `/`, as

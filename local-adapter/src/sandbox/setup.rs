@@ -654,21 +654,6 @@ pub(crate) fn enter_execution_namespace(
     seccompiler::apply_filter(program).map_err(|e| format!("seccomp: {e}"))
 }
 
-/// A process that entered the execution namespace as its root (see
-/// [`enter_execution_namespace`]) becomes `user`, which clears every capability.
-pub(crate) fn become_user() -> std::result::Result<(), String> {
-    fn fail(what: &'static str) -> impl Fn(nix::Error) -> String {
-        move |e| format!("{what}: {e}")
-    }
-    setgroups(&[]).map_err(fail("setgroups"))?;
-    let (uid, gid) = (Uid::from_raw(USER_ID), Gid::from_raw(USER_ID));
-    setresgid(gid, gid, gid).map_err(fail("setresgid"))?;
-    setresuid(uid, uid, uid).map_err(fail("setresuid"))?;
-    // Changing ids resets the flag to the system's default; keep it off until the exec.
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
-        .map_err(|e| format!("set non-dumpable: {e}"))
-}
-
 /// Init: not dumpable (nobody in the runner can read its memory or `/proc/1/*`),
 /// `no_new_privs`, and the seccomp filter for itself and everything it spawns.
 pub(crate) fn harden() -> Result<()> {
