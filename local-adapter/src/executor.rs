@@ -1,8 +1,8 @@
 //! [`LocalExecutor`]: `ExecutorApi` on this machine.
 //!
-//! Owns the runners of one data directory: creates them through the sandbox helper, keeps their
-//! records in the `storage` store, talks to their inits over their control sockets, and pumps
-//! execution output through bounded channels. It never forks itself into a namespace and never
+//! Owns the runners of one data directory: creates them through the sandbox fork server, keeps
+//! their records in the `storage` store, talks to their inits over their control sockets, and
+//! pumps execution output through bounded channels. It never forks itself into a namespace and never
 //! touches cgroups, sockets or records of another data directory.
 
 use std::collections::{HashMap, HashSet};
@@ -27,7 +27,7 @@ use runner_core::{
 use serde::{Deserialize, Serialize};
 use storage::{StateStore, StoredRunner};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -39,8 +39,10 @@ use crate::protocol::{
     CopyHeader, MAX_RESPONSE, Request, Response, read_msg, recv_with_fds, write_msg,
 };
 use crate::rootfs;
-use crate::sandbox::{ID_RANGE, MARKER, RootSpec, SandboxSpec};
+use crate::sandbox::{ID_RANGE, RootSpec, SandboxSpec};
+use fork_server::ForkServer;
 
+mod fork_server;
 pub(crate) mod spawn;
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -149,6 +151,8 @@ struct Inner {
     teardowns: tokio::sync::watch::Sender<usize>,
     /// Why runner networking is not available, when it is not (for the client's 400).
     network_unavailable: std::sync::OnceLock<String>,
+    /// Starts the runners' sandbox helpers.
+    fork_server: Arc<ForkServer>,
 }
 
 /// The local sandbox backend. Cheap to clone; all clones share the same runners.
@@ -555,13 +559,14 @@ impl LocalExecutor {
             tearing_down: Mutex::new(HashSet::new()),
             teardowns: tokio::sync::watch::Sender::new(0),
             network_unavailable: std::sync::OnceLock::new(),
+            fork_server: Arc::default(),
         });
         inner.recover()?;
         Ok(LocalExecutor { inner })
     }
 
-    /// Leaves every runner running (the next start reattaches to them) and closes the store
-    /// cleanly, so the next start trusts its idle records.
+    /// Leaves every runner running (the next start reattaches to them), stops the sandbox fork
+    /// server and closes the store cleanly, so the next start trusts its idle records.
     ///
     /// Teardowns of destroyed runners still running in the background are waited for first
     /// (bounded; one cut short is completed by the next start).
@@ -582,6 +587,7 @@ impl LocalExecutor {
         }
         let inner = self.inner.clone();
         match tokio::task::spawn_blocking(move || {
+            inner.fork_server.stop();
             if lock(&inner.runners).is_empty() {
                 inner.driver.remove_instance_if_empty();
             }
@@ -1049,45 +1055,20 @@ fn init_gone(handle: &Handle) -> bool {
     }
 }
 
-/// Settings for mimalloc (the server binary's allocator), read by the helper and so by the
-/// runner's init, which is the helper's fork: freed memory goes back to the system at once,
-/// arenas are committed as they are used, and no transparent huge pages (a huge page touched
-/// once stays, split, as 512 small ones). The init keeps only what it uses resident, which is
-/// every runner's idle memory and what each fork of the init copies (file operations,
-/// executions): about 1 MiB instead of 4.8 MiB. Without mimalloc they are ignored.
-const HELPER_ALLOCATOR_ENV: [(&str, &str); 3] = [
-    ("MIMALLOC_PURGE_DELAY", "0"),
-    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
-    ("MIMALLOC_ALLOW_THP", "0"),
-];
-
-async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
-    // The magic link works even when the binary was replaced on disk since it started.
-    let mut child = tokio::process::Command::new("/proc/self/exe")
-        .env_clear()
-        .env(MARKER, "1")
-        .envs(HELPER_ALLOCATOR_ENV)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| LocalError::io("spawning the sandbox helper", e))?;
-    let input = serde_json::to_vec(spec).map_err(|e| LocalError::Sandbox(e.to_string()))?;
-    let mut stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| LocalError::Sandbox("helper has no stdin".into()))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| LocalError::Sandbox("helper has no stdout".into()))?;
-    let talk = async {
-        stdin
-            .write_all(&input)
+async fn spawn_sandbox(
+    fork_server: &Arc<ForkServer>,
+    spec: &SandboxSpec,
+) -> Result<Handle, LocalError> {
+    let launched = {
+        let (fork_server, spec) = (fork_server.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || fork_server.launch(&spec))
             .await
-            .map_err(|e| LocalError::io("writing to the sandbox helper", e))?;
-        drop(stdin);
-        let mut lines = BufReader::new(stdout).lines();
+            .map_err(|e| LocalError::Sandbox(e.to_string()))??
+    };
+    let reports = tokio::net::unix::pipe::Receiver::from_owned_fd(launched)
+        .map_err(|e| LocalError::io("reading from the sandbox helper", e))?;
+    let talk = async {
+        let mut lines = BufReader::new(reports).lines();
         // The helper's "pid" and the init's "ready" may arrive in either order.
         let (mut pid, mut ready) = (None, false);
         while let Some(line) = lines
@@ -1114,16 +1095,12 @@ async fn spawn_sandbox(spec: &SandboxSpec) -> Result<Handle, LocalError> {
             }
         }
         Err(LocalError::Sandbox(
-            "the sandbox helper exited without starting the runner (is \
-             local_adapter::sandbox_main_if_requested() called first in main?)"
-                .into(),
+            "the sandbox helper exited without starting the runner".into(),
         ))
     };
-    let result = tokio::time::timeout(CREATE_TIMEOUT, talk)
+    tokio::time::timeout(CREATE_TIMEOUT, talk)
         .await
-        .unwrap_or_else(|_| Err(LocalError::Sandbox("timed out starting the runner".into())));
-    let _ = child.wait().await;
-    result
+        .unwrap_or_else(|_| Err(LocalError::Sandbox("timed out starting the runner".into())))
 }
 
 #[async_trait]
@@ -1195,7 +1172,7 @@ impl ExecutorApi for LocalExecutor {
             max_open_files: inner.config.max_open_files,
             max_file_size: inner.config.max_file_size_mb << 20,
         };
-        let mut handle = match spawn_sandbox(&sandbox).await {
+        let mut handle = match spawn_sandbox(&inner.fork_server, &sandbox).await {
             Ok(h) => h,
             Err(e) => {
                 error!(runner_id = %id, environment_id = %spec.id, error = %e, "cannot create runner");

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -318,6 +319,19 @@ async fn the_init_keeps_one_standby_leader_and_replaces_a_killed_one() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // SIGKILL is delivered asynchronously: a standby still running when the launch arrives
+    // would die as that execution's leader. Wait until it is dead (a zombie, or reaped).
+    let dead = Path::new("/proc").join(found[0].to_string()).join("stat");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while std::fs::read_to_string(&dead).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, s)| !s.starts_with(" Z"))
+        }) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the killed standby dies");
     let o = run(&f.executor, &r, "echo after").await;
     assert_eq!(o.out(), "after\r\n");
     assert_eq!(o.code(), Some(0));

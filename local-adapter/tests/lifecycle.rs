@@ -126,8 +126,43 @@ async fn kill_9_of_the_server_leaves_runners_to_the_next_start() {
     .await
     .unwrap()
     .unwrap();
+    // The killed server's fork server exits when its socket closes. Orphaned, it becomes a
+    // child of this process (a subreaper, as it runs executors too), which must reap it.
+    let child_pid = child.id().to_string();
+    // Children of any of its threads (the fork server comes from a blocking-pool thread).
+    let fork_server = std::fs::read_dir(format!("/proc/{child_pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .collect::<String>()
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .find(|p| {
+            // Not one of the runners' inits, forked from it (in pid namespaces of their own).
+            std::fs::read_link(format!("/proc/{p}/ns/pid")).ok()
+                == std::fs::read_link("/proc/self/ns/pid").ok()
+                && std::fs::read(format!("/proc/{p}/environ"))
+                    .unwrap_or_default()
+                    .split(|b| *b == 0)
+                    .any(|v| v == b"POSEIDON_LOCAL_SANDBOX_HELPER=fork-server")
+        })
+        .expect("the child server's fork server");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let fork_server = nix::unistd::Pid::from_raw(fork_server);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // ECHILD until it has been reparented to this process.
+        while nix::sys::wait::waitpid(fork_server, None).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the orphaned fork server never came"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap();
     let mut ids = line
         .split_whitespace()
         .skip(1)

@@ -1,27 +1,31 @@
 //! The sandbox side: everything that runs in a runner's helper and init process.
 //!
 //! The server never forks itself into a namespace. It re-executes its own binary
-//! (`/proc/self/exe`) with [`MARKER`] set; [`crate::sandbox_main_if_requested`] (called first
-//! in `main`, or from a constructor in test binaries) sees the marker and runs the helper, which
-//! joins the runner's cgroups, unshares the namespaces and forks the runner's init. The init
+//! (`/proc/self/exe`) once with [`MARKER`] set to [`fork_server::FORK_SERVER`];
+//! [`crate::sandbox_main_if_requested`] (called first in `main`, or from a constructor in test
+//! binaries) sees the marker and runs the [fork server](fork_server), which forks one helper per
+//! runner. The helper joins the runner's cgroups, unshares the namespaces and forks the runner's
+//! init. The init
 //! builds the root filesystem, enters the user namespace, installs the seccomp filter and then
 //! serves its control socket until it is killed. It has no parent-death signal: runners outlive
 //! a `kill -9` of the server.
 
 pub(crate) mod fileops;
+pub(crate) mod fork_server;
 pub(crate) mod init;
 pub(crate) mod leader;
 pub(crate) mod seccomp;
 pub(crate) mod setup;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::ExecKill;
 
-/// Environment variable that turns a process started from this binary into a runner helper.
+/// Environment variable that turns a process started from this binary into the fork server
+/// (with the value [`fork_server::FORK_SERVER`]; any other value ends the process).
 pub(crate) const MARKER: &str = "POSEIDON_LOCAL_SANDBOX_HELPER";
 
 /// The uid/gid of the unprivileged `user` inside a runner.
@@ -75,22 +79,31 @@ pub(crate) enum RootSpec {
     },
 }
 
-/// Runs the helper if this process was started as one; returns otherwise.
+/// Runs the fork server if this process was started as one; returns otherwise.
 pub(crate) fn run_if_requested() {
-    if std::env::var_os(MARKER).is_none() {
+    let Some(mode) = std::env::var_os(MARKER) else {
         return;
+    };
+    if mode != fork_server::FORK_SERVER {
+        std::process::exit(2);
     }
     close_inherited_descriptors();
-    let code = match helper() {
+    fork_server::serve();
+}
+
+/// Builds the runner `spec` describes, reporting on stdout; returns the helper's exit code.
+pub(crate) fn run_helper(spec: SandboxSpec) -> i32 {
+    match helper(spec) {
         Ok(()) => 0,
-        Err(message) => {
-            let mut out = std::io::stdout();
-            let _ = writeln!(out, "error {}", message.replace('\n', " "));
-            let _ = out.flush();
-            1
-        }
-    };
-    std::process::exit(code);
+        Err(message) => report_error(&message),
+    }
+}
+
+fn report_error(message: &str) -> i32 {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "error {}", message.replace('\n', " "));
+    let _ = out.flush();
+    1
 }
 
 /// Closes every descriptor above stderr. Whatever started the server may have left descriptors
@@ -112,14 +125,7 @@ fn close_inherited_descriptors() {
     }
 }
 
-fn helper() -> Result<(), String> {
-    let mut input = Vec::new();
-    std::io::stdin()
-        .take(1 << 20)
-        .read_to_end(&mut input)
-        .map_err(|e| format!("reading the specification: {e}"))?;
-    let spec: SandboxSpec =
-        serde_json::from_slice(&input).map_err(|e| format!("bad specification: {e}"))?;
+fn helper(spec: SandboxSpec) -> Result<(), String> {
     setup::join_cgroups(&spec).map_err(|e| e.to_string())?;
     // Created before the pid namespace, so the helper sees its holder's pid as /proc shows it.
     let userns =
