@@ -54,6 +54,40 @@ fn children_of(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Whether `needle` occurs in the private writable memory (heap, stack, data) of `pid`.
+fn writable_memory_contains(pid: i32, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut searched = 0;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (start, end) = (
+            u64::from_str_radix(start, 16).unwrap(),
+            u64::from_str_radix(end, 16).unwrap(),
+        );
+        let mut region = vec![0u8; usize::try_from(end - start).unwrap()];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
+            continue;
+        }
+        searched += region.len();
+        if region.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    assert!(searched > 0, "no memory of {pid} could be read");
+    false
+}
+
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     tokio::time::timeout(Duration::from_secs(10), async {
         while !done() {
@@ -77,11 +111,34 @@ async fn one_fork_server_starts_runners_and_a_killed_one_is_replaced() {
         "one fork server per executor: {servers:?}"
     );
     let server = servers[0];
-    // The helpers it forked have exited and been reaped; the inits went to this process.
-    until("the fork server has no children", || {
-        children_of(server).is_empty()
+    // The helpers it forked have exited and been reaped; the inits went to this process. Its
+    // one child is the next helper, forked ahead and waiting for a request.
+    until("the fork server has one child", || {
+        children_of(server).len() == 1
     })
     .await;
+    // It never reads a request itself, so no runner's data is in the memory every helper and
+    // init inherits from it.
+    for id in [&first, &second] {
+        assert!(
+            !writable_memory_contains(server, id.as_str().as_bytes()),
+            "the fork server's memory holds runner {id}"
+        );
+    }
+    // (The search does find a runner's id where it is: in that runner's own init.)
+    let init: i32 = f
+        .executor
+        .network_namespace(&second)
+        .and_then(|ns| {
+            ns.to_str()?
+                .strip_prefix("/proc/")?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the init's pid");
+    assert!(writable_memory_contains(init, second.as_str().as_bytes()));
     assert_eq!(run(&f.executor, &first, "echo one").await.out(), "one\r\n");
 
     nix::sys::signal::kill(

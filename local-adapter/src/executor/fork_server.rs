@@ -26,6 +26,9 @@ const ALLOCATOR_ENV: [(&str, &str); 3] = [
     ("MIMALLOC_ALLOW_THP", "0"),
 ];
 
+/// Longest a stopping fork server may take to end by itself.
+const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Longest a request may wait to be written to the fork server's socket.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -108,10 +111,18 @@ impl Running {
 }
 
 impl Drop for Running {
-    /// Closing the socket ends the fork server; the kill covers one that stopped reading.
+    /// Closing the socket ends the fork server (after the child it forked ahead); the kill
+    /// covers one that does not end in time.
     fn drop(&mut self) {
         let _ = self.requests.shutdown(std::net::Shutdown::Both);
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        while matches!(self.process.try_wait(), Ok(None)) {
+            if std::time::Instant::now() >= deadline {
+                let _ = self.process.kill();
+                let _ = self.process.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
