@@ -3,10 +3,11 @@
 //! the embedded default backend of poseidon-rs. No Docker, no Nomad.
 //!
 //! # What an embedder must do
-//! A runner's init is this very binary, re-executed from `/proc/self/exe` with a marker in its
-//! environment. Every binary that uses [`LocalExecutor`] must therefore call
-//! [`sandbox_main_if_requested`] before anything else in `main` (before starting a runtime or any
-//! thread):
+//! Runners' inits come from this very binary: each executor re-executes it once from
+//! `/proc/self/exe`, with a marker in its environment, as the sandbox fork server, which forks
+//! a helper (and so an init) per runner. Every binary that uses [`LocalExecutor`] must therefore
+//! call [`sandbox_main_if_requested`] before anything else in `main` (before starting a runtime
+//! or any thread):
 //!
 //! ```text
 //! fn main() {

@@ -15,7 +15,8 @@ use nomad_emulator::sandbox::{SandboxConfig, SandboxRuntime};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    // An allocation's sandbox init is this binary re-executed: it must branch off first.
+    // The sandbox fork server (allocations' inits come from it) is this binary re-executed: it
+    // must branch off first.
     local_adapter::sandbox_main_if_requested();
     let args = Args::parse();
     tracing_subscriber::fmt()

@@ -36,7 +36,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // A runner's init is this binary re-executed: it must branch off before anything else.
+    // The sandbox fork server (runners' inits come from it) is this binary re-executed: it
+    // must branch off before anything else.
     local_adapter::sandbox_main_if_requested();
     let args = Args::parse();
     let config = match Config::load(&args.config, std::env::vars()) {
