@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod leftovers;
 pub mod nomad;
 pub mod observe;
 pub mod process;

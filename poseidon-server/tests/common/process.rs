@@ -125,10 +125,13 @@ impl ServerProcess {
 }
 
 impl Drop for ServerProcess {
+    /// Kills the server if it still runs, then the runners it leaves in its data directory (by
+    /// design they outlive it, but this data directory goes with the test).
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        super::leftovers::remove_sandboxes(&self.dir.path().join("poseidon-data"));
     }
 }
