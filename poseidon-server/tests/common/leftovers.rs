@@ -18,11 +18,15 @@ pub fn remove_sandboxes(data_dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut cgroups = Vec::new();
     // A runner the server was creating when it died still comes up (its helper carries on), so
-    // look again until a look finds none.
-    for _ in 0..3 {
+    // look again, a moment later, until a look finds none.
+    for look in 0..4 {
         let inits = holders_of(&socket_inodes_under(&data_dir));
         if inits.is_empty() {
-            break;
+            if look > 0 || !data_dir.join("run").is_dir() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
         }
         cgroups.extend(inits.iter().flat_map(|pid| cgroup_dirs(*pid)));
         let _ = Command::new("kill")
