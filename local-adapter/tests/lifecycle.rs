@@ -194,6 +194,18 @@ async fn kill_9_of_the_server_leaves_runners_to_the_next_start() {
     b.shutdown().await;
 }
 
+/// The host pid of the runner's init, while it runs.
+fn init_pid(f: &Fixture, id: &runner_core::RunnerId) -> Option<i32> {
+    f.executor
+        .network_namespace(id)?
+        .to_str()?
+        .strip_prefix("/proc/")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -205,12 +217,14 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
     let env = spec(64);
     let cycles = 1_000;
     let mut ids = Vec::new();
+    let mut inits = std::collections::HashSet::new();
     for _ in 0..cycles / 4 {
         let created =
             futures::future::join_all((0..4).map(|_| f.executor.create_runner(&env))).await;
         // Destroy every runner that was created before judging the batch.
         for info in created.iter().flatten().map(|c| c.info()) {
             ids.push(info.id.to_string());
+            inits.extend(init_pid(&f, &info.id));
             f.executor
                 .destroy_runner(&info.id, &DestroyReason::ApiRequest)
                 .await
@@ -241,9 +255,18 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
         !mounts.contains(&*data.to_string_lossy()),
         "mounts left under the data dir"
     );
+    // Only these runners' inits count: other tests in this binary have processes of their own
+    // that exit and are reaped at any moment (e.g. a killed server's orphaned fork server).
+    assert_eq!(inits.len(), cycles, "an init pid per runner");
     let zombies = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+                .is_some_and(|pid| inits.contains(&pid))
+        })
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
         .filter(|s| {
             let ours = format!(" {} ", std::process::id());
