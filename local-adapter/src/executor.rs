@@ -2,8 +2,8 @@
 //!
 //! Owns the runners of one data directory: creates them through the sandbox fork server, keeps
 //! their records in the `storage` store, talks to their inits over their control sockets, and
-//! pumps execution output through bounded channels. It never forks itself into a namespace and never
-//! touches cgroups, sockets or records of another data directory.
+//! pumps execution output through bounded channels. It never forks itself into a namespace and
+//! never touches cgroups, sockets or records of another data directory.
 
 use std::collections::{HashMap, HashSet};
 use std::io;

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -268,24 +267,11 @@ fn standby_leaders(f: &Fixture, r: &runner_core::RunnerId) -> Vec<i32> {
         .and_then(|p| p.split('/').next())
         .and_then(|p| p.parse().ok())
         .expect("/proc/<pid>/ns/net");
-    let mut leaders = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+    let (init, mut leaders) = (init.to_string(), Vec::new());
+    for pid in common::pids() {
         // Fields after the command: state, ppid, pgrp, session.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        if fields.get(1) == Some(&init.to_string().as_str())
-            && fields.get(3) == Some(&pid.to_string().as_str())
-        {
+        let fields = common::stat_fields(pid).unwrap_or_default();
+        if fields.get(1) == Some(&init) && fields.get(3) == Some(&pid.to_string()) {
             leaders.push(pid);
         }
     }
@@ -321,12 +307,10 @@ async fn the_init_keeps_one_standby_leader_and_replaces_a_killed_one() {
     .unwrap();
     // SIGKILL is delivered asynchronously: a standby still running when the launch arrives
     // would die as that execution's leader. Wait until it is dead (a zombie, or reaped).
-    let dead = Path::new("/proc").join(found[0].to_string()).join("stat");
     tokio::time::timeout(Duration::from_secs(10), async {
-        while std::fs::read_to_string(&dead).is_ok_and(|stat| {
-            stat.rsplit_once(')')
-                .is_some_and(|(_, s)| !s.starts_with(" Z"))
-        }) {
+        while common::stat_fields(found[0])
+            .is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })

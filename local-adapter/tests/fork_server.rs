@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::{Fixture, run};
@@ -14,24 +15,16 @@ fn fork_servers() -> Vec<i32> {
     let me = std::process::id().to_string();
     let our_pid_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
     let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in common::pids() {
         if is_zombie_child(pid, &me) != Some(false) {
             continue;
         }
-        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let proc = Path::new("/proc").join(pid.to_string());
+        let environ = std::fs::read(proc.join("environ")).unwrap_or_default();
         let marked = environ
             .split(|b| *b == 0)
             .any(|v| v == b"POSEIDON_LOCAL_SANDBOX_HELPER=fork-server");
-        if marked
-            && std::fs::read_link(entry.path().join("ns/pid")).ok() == Some(our_pid_ns.clone())
-        {
+        if marked && std::fs::read_link(proc.join("ns/pid")).ok() == Some(our_pid_ns.clone()) {
             found.push(pid);
         }
     }
@@ -40,9 +33,9 @@ fn fork_servers() -> Vec<i32> {
 
 /// Whether `pid`, a child of `parent`, is a zombie; `None` when it is no child of `parent`.
 fn is_zombie_child(pid: i32, parent: &str) -> Option<bool> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    (fields.get(1) == Some(&parent)).then(|| fields.first() == Some(&"Z"))
+    let fields = common::stat_fields(pid)?;
+    (fields.get(1).map(String::as_str) == Some(parent))
+        .then(|| fields.first().map(String::as_str) == Some("Z"))
 }
 
 /// The children of `pid`.

@@ -189,3 +189,26 @@ pub async fn run_with(
 pub async fn run(executor: &LocalExecutor, runner: &RunnerId, cmd: &str) -> Outcome {
     run_with(executor, runner, request(cmd), None).await
 }
+
+/// The pids of every process in `/proc`.
+pub fn pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name: state, ppid, pgrp, session, …;
+/// `None` when the process is gone.
+pub fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
+}
