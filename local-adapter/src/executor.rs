@@ -52,6 +52,9 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a runner's init may take to exit after SIGKILL before teardown goes on without it.
 const INIT_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long teardown waits for a dead init that is still another process's zombie to be handed
+/// to this process (see [`InitState::ZombieOfAnother`]).
+const ZOMBIE_HANDOVER: Duration = Duration::from_millis(500);
 /// How long shutdown waits for teardowns still running in the background.
 const SHUTDOWN_TEARDOWN_WAIT: Duration = Duration::from_secs(15);
 /// After the main process exited, output still arriving is forwarded until the pipes are quiet
@@ -914,10 +917,12 @@ impl Inner {
         let started = Instant::now();
         let mut next_thaw = started;
         loop {
-            if init_gone(handle) {
-                return;
-            }
             let now = Instant::now();
+            match init_state(handle) {
+                InitState::Gone => return,
+                InitState::ZombieOfAnother if now >= started + ZOMBIE_HANDOVER => return,
+                InitState::Alive | InitState::ZombieOfAnother => {}
+            }
             if now >= started + INIT_EXIT_TIMEOUT {
                 warn!(runner_id = %id, pid = handle.pid, "the runner's init did not exit after SIGKILL");
                 return;
@@ -1041,17 +1046,31 @@ fn signal_init(handle: &Handle) {
     }
 }
 
-/// Whether the runner's init is gone: reaped here when it is our child (we are the subreaper
-/// of the inits we started), else exited, a zombie of someone else, or its pid reused.
-fn init_gone(handle: &Handle) -> bool {
+/// Where a killed runner's init is on its way out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InitState {
+    /// Still running.
+    Alive,
+    /// Dead and reaped (here, when it was our child), or its pid belongs to another process.
+    Gone,
+    /// Dead, but the zombie of another process. Right after its creation that is the sandbox
+    /// helper, whose exit hands the init to us (we are the subreaper of the inits we start), so
+    /// it is worth waiting a moment to reap it rather than leave a zombie until we exit. After a
+    /// restart it is the host's init, which reaps it in its own time.
+    ZombieOfAnother,
+}
+
+fn init_state(handle: &Handle) -> InitState {
     if start_time(handle.pid) != Some(handle.start_time) {
-        return true;
+        return InitState::Gone;
     }
     let pid = nix::unistd::Pid::from_raw(handle.pid);
     match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-        Ok(nix::sys::wait::WaitStatus::StillAlive) => false,
-        Ok(_) => true,
-        Err(_) => has_exited(handle),
+        Ok(nix::sys::wait::WaitStatus::StillAlive) => InitState::Alive,
+        Ok(_) => InitState::Gone,
+        Err(_) if !has_exited(handle) => InitState::Alive,
+        Err(_) if start_time(handle.pid) == Some(handle.start_time) => InitState::ZombieOfAnother,
+        Err(_) => InitState::Gone,
     }
 }
 

@@ -260,13 +260,7 @@ async fn several_executions_run_at_once_on_one_runner() {
 /// The host pids of the init's children that lead a session of their own: the standby leader
 /// the init keeps for the next execution (the execution namespace's holder has no session).
 fn standby_leaders(f: &Fixture, r: &runner_core::RunnerId) -> Vec<i32> {
-    let netns = f.executor.network_namespace(r).expect("a live runner");
-    let init: i32 = netns
-        .to_str()
-        .and_then(|p| p.strip_prefix("/proc/"))
-        .and_then(|p| p.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("/proc/<pid>/ns/net");
+    let init = f.init_pid(r).expect("a live runner");
     let (init, mut leaders) = (init.to_string(), Vec::new());
     for pid in common::pids() {
         // Fields after the command: state, ppid, pgrp, session.

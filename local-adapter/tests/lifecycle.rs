@@ -195,17 +195,6 @@ async fn kill_9_of_the_server_leaves_runners_to_the_next_start() {
 }
 
 /// The host pid of the runner's init, while it runs.
-fn init_pid(f: &Fixture, id: &runner_core::RunnerId) -> Option<i32> {
-    f.executor
-        .network_namespace(id)?
-        .to_str()?
-        .strip_prefix("/proc/")?
-        .split('/')
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -224,7 +213,12 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
         // Destroy every runner that was created before judging the batch.
         for info in created.iter().flatten().map(|c| c.info()) {
             ids.push(info.id.to_string());
-            inits.extend(init_pid(&f, &info.id));
+            // With its start time: this machine's pid space is small enough (32 768 here) that
+            // a pid comes round again within the test.
+            inits.extend(f.init_pid(&info.id).and_then(|pid| {
+                let started = common::stat_fields(pid)?.get(19)?.clone();
+                Some((pid, started))
+            }));
             f.executor
                 .destroy_runner(&info.id, &DestroyReason::ApiRequest)
                 .await
@@ -258,21 +252,14 @@ async fn create_destroy_cycles_leave_no_process_mount_cgroup_or_file() {
     // Only these runners' inits count: other tests in this binary have processes of their own
     // that exit and are reaped at any moment (e.g. a killed server's orphaned fork server).
     assert_eq!(inits.len(), cycles, "an init pid per runner");
-    let zombies = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-                .is_some_and(|pid| inits.contains(&pid))
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|s| {
-            let ours = format!(" {} ", std::process::id());
-            s.rsplit_once(')').is_some_and(|(_, r)| {
-                r.trim_start().starts_with('Z') && r.trim_start()[1..].starts_with(&ours)
-            })
+    let ours = std::process::id().to_string();
+    let zombies = inits
+        .iter()
+        .filter_map(|(pid, started)| {
+            let stat = common::stat_fields(*pid)?;
+            let ours_and_dead = stat.first()? == "Z" && stat.get(1)? == &ours;
+            (ours_and_dead && stat.get(19)? == started)
+                .then(|| format!("{pid}: {}", stat.join(" ")))
         })
         .collect::<Vec<_>>();
     assert!(

@@ -100,6 +100,18 @@ impl Fixture {
             .id
     }
 
+    /// The host pid of a live runner's init (the holder of its network namespace).
+    pub fn init_pid(&self, id: &RunnerId) -> Option<i32> {
+        self.executor
+            .network_namespace(id)?
+            .to_str()?
+            .strip_prefix("/proc/")?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
+    }
+
     pub async fn destroy(&self, id: &RunnerId) {
         self.executor
             .destroy_runner(id, &DestroyReason::ApiRequest)
