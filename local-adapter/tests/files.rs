@@ -681,3 +681,92 @@ async fn unprivileged_file_operations_have_no_capabilities() {
     assert_eq!(read(&f, &r, "/root/secret", true).await.unwrap(), b"s\n");
     f.destroy(&r).await;
 }
+
+/// The init's children that wait for a file operation, forked ahead: they stay in the init's
+/// session (a leader, standby or running, has a session of its own).
+fn file_helpers(f: &Fixture, r: &RunnerId) -> Vec<i32> {
+    let init = f.init_pid(r).expect("a live runner");
+    let init_session = common::stat_fields(init).and_then(|s| s.get(3).cloned());
+    common::pids()
+        .into_iter()
+        .filter(|&pid| {
+            // Fields after the command: state, ppid, pgrp, session.
+            let fields = common::stat_fields(pid).unwrap_or_default();
+            fields.first().is_some_and(|s| s != "Z")
+                && fields.get(1) == Some(&init.to_string())
+                && fields.get(3) == init_session.as_ref()
+        })
+        .collect()
+}
+
+/// Waits until the runner has exactly one file helper waiting, other than `not`.
+async fn one_file_helper(f: &Fixture, r: &RunnerId, not: Option<i32>) -> i32 {
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match file_helpers(f, r)[..] {
+                [pid] if Some(pid) != not => return pid,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
+    .expect("one file helper waiting")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_helper_waits_ahead_once_files_were_served_holding_nothing_of_the_host() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    // A runner that never had a file operation keeps no helper (its standby leader is ready).
+    assert_eq!(run(&f.executor, &r, "true").await.code(), Some(0));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(file_helpers(&f, &r), Vec::<i32>::new());
+
+    f.executor
+        .update_files(&r, &update(vec![copy("a.txt", "a")]))
+        .await
+        .unwrap();
+    let first = one_file_helper(&f, &r, None).await;
+    // Before its request it holds /dev/null as stdio, its handoff socket and the execution
+    // namespace: no directory, file or cgroup of the host a planted symlink could reach.
+    let held: Vec<String> = std::fs::read_dir(format!("/proc/{first}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(held.len(), 5, "{held:?}");
+    for target in &held {
+        assert!(
+            target == "/dev/null" || target.starts_with("socket:[") || target.starts_with("user:["),
+            "the waiting file helper holds {target}"
+        );
+    }
+
+    // The next operation takes it, and another is forked ahead.
+    let listed = f.executor.list_files(&r, &list("./", false, false)).await;
+    assert_eq!(listed.unwrap().len(), 1);
+    let second = one_file_helper(&f, &r, Some(first)).await;
+    assert!(
+        common::stat_fields(first).is_none(),
+        "the helper that served the listing is gone"
+    );
+
+    // A helper that died while waiting is replaced at the next operation.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // SIGKILL lands asynchronously: a helper handed a request just before would die with it.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while common::stat_fields(second).is_some_and(|f| f.first().is_some_and(|s| s != "Z")) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the killed helper dies");
+    assert_eq!(read(&f, &r, "a.txt", false).await.unwrap(), b"a");
+    one_file_helper(&f, &r, Some(second)).await;
+    f.destroy(&r).await;
+}

@@ -1,12 +1,14 @@
 //! A runner's init: pid 1 of the runner, serving its control socket.
 //!
 //! It spawns executions (passing the PTY master and the stderr pipe back to the server) and
-//! forks one child per file operation, which runs with the request's credentials inside the
-//! runner's root. It is single-threaded and event driven; every request is untrusted input:
+//! hands each file operation to a child of its own, a [`FileHelper`], which runs with the
+//! request's credentials inside the runner's root. Once a runner has had a file operation, the
+//! init keeps one file helper forked ahead while it is idle, so the next operation does not wait
+//! for a fork. It is single-threaded and event driven; every request is untrusted input:
 //! sizes are bounded, reads time out, and nothing a request says can make it panic.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -30,7 +32,9 @@ use super::leader::{
 };
 use super::setup::{self, StepError};
 use crate::cgroup::ExecKill;
-use crate::protocol::{MAX_REQUEST, Request, Response, read_msg, send_with_fds, write_msg};
+use crate::protocol::{
+    MAX_REQUEST, Request, Response, read_msg, recv_with_fds, send_with_fds, write_msg,
+};
 
 /// How long after killing a tree a full process table is blamed on the killed processes.
 const KILL_AFTERMATH: Duration = Duration::from_secs(6);
@@ -220,6 +224,23 @@ struct Init<'a> {
     standby: Option<Standby>,
     /// When preparing a standby last failed.
     standby_failed: Option<std::time::Instant>,
+    /// The file helper the next file operation takes, forked ahead of time.
+    file_helper: Option<FileHelper>,
+    /// When forking a file helper ahead last failed.
+    file_helper_failed: Option<std::time::Instant>,
+    /// File helpers serving an operation, until they are reaped.
+    file_helpers_busy: HashSet<i32>,
+    /// Whether this runner has had a file operation: only then is a file helper kept ready.
+    files_served: bool,
+}
+
+/// A child of the init that serves one file operation: forked with no descriptor but its
+/// `handoff` socket and the execution namespace, it waits there for the request and the
+/// connection to answer it on (see `serve_handed_file_op`).
+struct FileHelper {
+    pid: i32,
+    /// The init's end of the socket the helper waits on.
+    handoff: UnixStream,
 }
 
 /// A session leader forked ahead of its execution: in its session and execution cgroup, its
@@ -258,9 +279,14 @@ fn serve(
         last_kill: std::cell::Cell::new(None),
         standby: None,
         standby_failed: None,
+        file_helper: None,
+        file_helper_failed: None,
+        file_helpers_busy: HashSet::new(),
+        files_served: false,
     };
     loop {
         init.prepare_standby_when_idle();
+        init.prepare_file_helper_when_idle();
         // Per running execution whose answer is still due: its connection (a cancel) and its
         // leader's status pipe (its report).
         let mut watched: Vec<(i32, Watch)> = Vec::new();
@@ -372,37 +398,94 @@ impl Init<'_> {
         }
     }
 
+    /// A file operation: handed, with `conn`, to the file helper forked ahead (or to one forked
+    /// now), which answers it on `conn` and exits.
     fn fork_file_op(&mut self, mut conn: UnixStream, request: Request) {
         // The server waits only briefly for this: an init that does not answer is broken.
         if write_msg(&mut conn, &Response::Accepted).is_err() {
             return;
         }
-        match self.fork_reaping() {
-            Ok(ForkResult::Child) => {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
-                let _ = conn.set_write_timeout(None);
+        self.files_served = true;
+        // A helper that died meanwhile (its socket refuses the request) is replaced once.
+        for _ in 0..2 {
+            let helper = match self.file_helper.take() {
+                Some(helper) => helper,
+                None => match self.fork_file_helper(true) {
+                    Ok(helper) => helper,
+                    Err(Errno::EAGAIN) => {
+                        let _ = write_msg(&mut conn, &Response::ProcessLimit);
+                        return;
+                    }
+                    Err(e) => return refuse(conn, &format!("fork: {e}")),
+                },
+            };
+            if send_with_fds(&helper.handoff, &request, &[conn.as_fd()]).is_ok() {
+                self.file_helpers_busy.insert(helper.pid);
+                return;
+            }
+            let _ = kill(Pid::from_raw(helper.pid), Signal::SIGKILL);
+        }
+        refuse(conn, "the file helper did not start")
+    }
+
+    /// Forks a [`FileHelper`]. With `retry`, a fork refused for the process limit is retried in
+    /// the aftermath of a kill.
+    fn fork_file_helper(&mut self, retry: bool) -> nix::Result<FileHelper> {
+        let (ours, theirs) = UnixStream::pair()
+            .map_err(|e| e.raw_os_error().map_or(Errno::EMFILE, Errno::from_raw))?;
+        let forked = if retry {
+            self.fork_reaping()
+        } else {
+            // SAFETY: the init is single-threaded, so the child may run arbitrary code.
+            unsafe { fork() }
+        }?;
+        match forked {
+            ForkResult::Child => {
+                drop(ours);
                 leader::reset_signals();
                 // File operations resolve client paths, which may run through symlinks user
                 // code planted (e.g. to /proc/self/fd/N): this process must hold no descriptor
                 // but its connection, or such a path could reach the host directory behind it
                 // (the init keeps one on its host cgroup).
-                close_all_but(&[conn.as_raw_fd(), self.exec_ns.as_raw_fd()]);
-                super::fileops::serve(conn, request, self.exec_ns.as_fd())
+                close_all_but(&[theirs.as_raw_fd(), self.exec_ns.as_raw_fd()]);
+                serve_handed_file_op(theirs, self.exec_ns.as_fd())
             }
-            Ok(ForkResult::Parent { .. }) => {}
-            Err(Errno::EAGAIN) => {
-                let mut conn = conn;
-                let _ = write_msg(&mut conn, &Response::ProcessLimit);
+            ForkResult::Parent { child } => {
+                // A helper that stopped reading cannot hold the init up.
+                let _ = ours.set_write_timeout(Some(IO_TIMEOUT));
+                Ok(FileHelper {
+                    pid: child.as_raw(),
+                    handoff: ours,
+                })
             }
-            Err(e) => {
-                let mut conn = conn;
-                let _ = write_msg(
-                    &mut conn,
-                    &Response::Error {
-                        message: format!("fork: {e}"),
-                    },
-                );
+        }
+    }
+
+    /// Forks the next file helper ahead, once this runner has had a file operation, while no
+    /// execution runs and no file operation is being served (a fork would compete with them
+    /// for the CPU). At most one attempt per [`STANDBY_RETRY_PAUSE`] while forks fail (the
+    /// process table may be full); the next operation forks its own helper meanwhile.
+    fn prepare_file_helper_when_idle(&mut self) {
+        if !self.files_served
+            || self.file_helper.is_some()
+            || !self.execs.is_empty()
+            || !self.file_helpers_busy.is_empty()
+        {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self
+            .file_helper_failed
+            .is_some_and(|failed| now < failed + STANDBY_RETRY_PAUSE)
+        {
+            return;
+        }
+        match self.fork_file_helper(false) {
+            Ok(helper) => {
+                self.file_helper = Some(helper);
+                self.file_helper_failed = None;
             }
+            Err(_) => self.file_helper_failed = Some(now),
         }
     }
 
@@ -629,6 +712,7 @@ impl Init<'_> {
                 drop(status_r);
                 // The standby's terminal and pipe are its own execution's, not this one's.
                 drop(self.standby.take());
+                drop(self.file_helper.take());
                 let procs = match (&self.cgroup, &cgroup) {
                     (Some(dir), Some(name)) => openat(
                         dir,
@@ -796,6 +880,10 @@ impl Init<'_> {
     }
 
     fn finished(&mut self, pid: i32, code: u8) {
+        self.file_helpers_busy.remove(&pid);
+        if self.file_helper.as_ref().is_some_and(|h| h.pid == pid) {
+            self.file_helper = None;
+        }
         if self.standby.as_ref().is_some_and(|s| s.pid == pid)
             && let Some(standby) = self.standby.take()
             && let Some(name) = standby.cgroup
@@ -869,6 +957,23 @@ impl Init<'_> {
             .ok()
             .map(|()| name)
     }
+}
+
+/// A [`FileHelper`]'s life: waits on `handoff` for its request and the connection to answer it
+/// on, then serves it in the execution namespace `userns` and exits. Ends at once when the init
+/// hands it nothing (its socket closes).
+fn serve_handed_file_op(handoff: UnixStream, userns: BorrowedFd<'_>) -> ! {
+    let Ok((request, fds)) = recv_with_fds::<Request>(&handoff, 1) else {
+        exit_helper()
+    };
+    drop(handoff);
+    let Some(conn) = fds.into_iter().next() else {
+        exit_helper()
+    };
+    let conn = UnixStream::from(conn);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = conn.set_write_timeout(None);
+    super::fileops::serve(conn, request, userns)
 }
 
 /// Ends a forked file helper at once: nothing of it is buffered or needs dropping, so the
