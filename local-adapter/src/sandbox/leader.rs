@@ -23,7 +23,7 @@ use nix::fcntl::OFlag;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Uid, fork};
+use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 
 use super::USER_ID;
@@ -37,6 +37,9 @@ pub(super) const LEADER_NO_PROCESS: u8 = b'P';
 /// What a leader reports on its status pipe, followed by the exit code byte, when its command
 /// ended.
 pub(super) const LEADER_EXITED: u8 = b'X';
+
+/// The stack the command's process runs on until it executes (see `launch_command`).
+const COMMAND_STACK: usize = 128 << 10;
 
 /// The pause between attempts of a fork refused for the process limit.
 pub(super) const FORK_RETRY_PAUSE: Duration = Duration::from_millis(25);
@@ -189,7 +192,7 @@ pub(super) fn standby(
     )
 }
 
-/// Step two: hands the terminal or pipes to the execution's user, forks the command (which
+/// Step two: hands the terminal or pipes to the execution's user, starts the command (which
 /// drops to `user` unless privileged) and waits for it as the session leader; exits with the
 /// command's exit code (128 + signal when it was killed).
 pub(super) fn launch_command(
@@ -217,19 +220,23 @@ pub(super) fn launch_command(
     // SAFETY: ignoring SIGTTOU has no handler to race with.
     let _ =
         unsafe { nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigIgn) };
+    let mut command = Some(Command {
+        userns: context.userns,
+        program,
+        envp,
+        privileged,
+        limits: context.limits,
+    });
+    // The command starts in a child that shares the leader's memory until it executes, on a
+    // stack of its own (as `posix_spawn` does): no page table is copied, nothing is copied on
+    // write, and its exec tears down no copy of the leader's image. The leader is suspended until
+    // the child executes or exits (`CLONE_VFORK`), so the child may use the leader's heap as its
+    // own; what it takes from it is never given back, which costs nothing in a leader.
+    let mut stack = vec![0u8; COMMAND_STACK];
     // The leader cannot reap (the init does), but in the aftermath of a kill it may wait for
     // places in the process table to come free.
     let forked = loop {
-        // SAFETY: this child is single-threaded (forked from the single-threaded init).
-        match unsafe { fork() } {
-            Err(Errno::EAGAIN) if Instant::now() < fork_deadline => {
-                std::thread::sleep(FORK_RETRY_PAUSE);
-            }
-            other => break other,
-        }
-    };
-    let main = match forked {
-        Ok(ForkResult::Child) => {
+        let start: nix::sched::CloneCb<'_> = Box::new(|| {
             let me = nix::unistd::getpid();
             let _ = nix::unistd::setpgid(me, me);
             if terminal {
@@ -240,15 +247,31 @@ pub(super) fn launch_command(
             let _ = unsafe {
                 nix::sys::signal::signal(Signal::SIGTTOU, nix::sys::signal::SigHandler::SigDfl)
             };
-            exec_command(Command {
-                userns: context.userns,
-                program,
-                envp,
-                privileged,
-                limits: context.limits,
-            })
+            match command.take() {
+                Some(command) => exec_command(command),
+                None => fail(127, "start", &"no command"),
+            }
+        });
+        // SAFETY: this leader is single-threaded (forked from the single-threaded init) and
+        // suspended while the child runs on `stack`, which outlives the child's use of it (the
+        // exec or the exit ends that before `clone` returns here).
+        let cloned = unsafe {
+            nix::sched::clone(
+                start,
+                &mut stack,
+                nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
+                Some(libc::SIGCHLD),
+            )
+        };
+        match cloned {
+            Err(Errno::EAGAIN) if Instant::now() < fork_deadline => {
+                std::thread::sleep(FORK_RETRY_PAUSE);
+            }
+            other => break other,
         }
-        Ok(ForkResult::Parent { child }) => child,
+    };
+    let main = match forked {
+        Ok(child) => child,
         Err(e) => {
             if e == Errno::EAGAIN
                 && let Some(status) = &context.status
