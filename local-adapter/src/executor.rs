@@ -59,6 +59,10 @@ const ZOMBIE_HANDOVER: Duration = Duration::from_millis(500);
 const SHUTDOWN_TEARDOWN_WAIT: Duration = Duration::from_secs(15);
 /// After the main process exited, output still arriving is forwarded until the pipes are quiet
 /// this long (background processes may keep them open).
+/// At most this many finished executions per runner keep their stderr pipe open for the
+/// background processes they left (see [`keep_stderr_for_background`]); beyond that, a
+/// background process writing to its stderr ends with `SIGPIPE`, as it would without a reader.
+const LINGERING_STDERR_MAX: usize = 16;
 /// Longest path accepted in a file update (Linux's `PATH_MAX` is 4096; longer ones are refused
 /// rather than carried to the runner).
 const MAX_PATH_LEN: usize = 4096;
@@ -96,6 +100,8 @@ struct Runner {
     died: std::sync::OnceLock<DestroyReason>,
     /// Set once its full process table was reported (the runner is being replaced).
     process_limit: std::sync::atomic::AtomicBool,
+    /// Finished executions whose stderr pipe is kept open for their background processes.
+    lingering_stderr: std::sync::atomic::AtomicUsize,
 }
 
 impl Runner {
@@ -108,6 +114,7 @@ impl Runner {
             destroying: false.into(),
             died: std::sync::OnceLock::new(),
             process_limit: false.into(),
+            lingering_stderr: 0.into(),
         }
     }
 }
@@ -1712,6 +1719,25 @@ struct Pump {
     backend_events: mpsc::UnboundedSender<BackendEvent>,
 }
 
+/// Keeps a finished execution's stderr pipe open while processes it left in the background
+/// still hold it: they keep running until the runner is destroyed (design §2), and a write to a
+/// pipe without a reader would kill them with `SIGPIPE`. What they write is discarded. The pipe
+/// closes when its last writer is gone, at the latest with the runner's processes; at most
+/// [`LINGERING_STDERR_MAX`] per runner stay open.
+fn keep_stderr_for_background(stderr: AsyncFd<OwnedFd>, runner: &Arc<Runner>) {
+    use std::sync::atomic::Ordering;
+    if runner.lingering_stderr.fetch_add(1, Ordering::SeqCst) >= LINGERING_STDERR_MAX {
+        runner.lingering_stderr.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let runner = runner.clone();
+    tokio::spawn(async move {
+        let mut discard = [0u8; 4096];
+        while matches!(read_fd(&stderr, &mut discard).await, Ok(n) if n > 0) {}
+        runner.lingering_stderr.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
 async fn read_fd(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         let mut guard = fd.readable().await?;
@@ -1855,6 +1881,9 @@ impl Pump {
         }
         if let Some(code) = exit {
             let _ = self.send(ExecutionEvent::Exit(code)).await;
+            if err_open {
+                keep_stderr_for_background(self.stderr, &self.runner);
+            }
         }
     }
 

@@ -189,6 +189,37 @@ async fn background_processes_outlive_their_execution_which_still_exits() {
     f.destroy(&r).await;
 }
 
+/// A background process that writes to its stderr after its execution ended keeps running (a
+/// pipe without a reader would kill it with SIGPIPE), and what it writes goes nowhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_background_process_writing_to_stderr_after_its_execution_keeps_running() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let o = run(
+        &f.executor,
+        &r,
+        "(sleep 0.5; echo late >&2; echo alive > /workspace/alive) >/dev/null & echo bye",
+    )
+    .await;
+    assert_eq!(o.out(), "bye\r\n");
+    assert_eq!(o.err(), "");
+    // It writes its file half a second after its stderr line, if it lives.
+    let alive = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if run(&f.executor, &r, "cat /workspace/alive").await.out() == "alive\r\n" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        alive.is_ok(),
+        "the background process died writing to stderr"
+    );
+    f.destroy(&r).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prompt_arrives_before_any_input() {
     let f = Fixture::new().await;
