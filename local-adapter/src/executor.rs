@@ -58,7 +58,10 @@ const ZOMBIE_HANDOVER: Duration = Duration::from_millis(500);
 /// How long shutdown waits for teardowns still running in the background.
 const SHUTDOWN_TEARDOWN_WAIT: Duration = Duration::from_secs(15);
 /// After the main process exited, output still arriving is forwarded until the pipes are quiet
-/// this long (background processes may keep them open).
+/// this long (background processes may keep them open)…
+const DRAIN_QUIET: Duration = Duration::from_millis(30);
+/// …but no longer than this after the exit.
+const DRAIN_MAX: Duration = Duration::from_millis(300);
 /// At most this many finished executions per runner keep their stderr pipe open for the
 /// background processes they left (see [`keep_stderr_for_background`]); beyond that, a
 /// background process writing to its stderr ends with `SIGPIPE`, as it would without a reader.
@@ -66,8 +69,6 @@ const LINGERING_STDERR_MAX: usize = 16;
 /// Longest path accepted in a file update (Linux's `PATH_MAX` is 4096; longer ones are refused
 /// rather than carried to the runner).
 const MAX_PATH_LEN: usize = 4096;
-const DRAIN_QUIET: Duration = Duration::from_millis(30);
-const DRAIN_MAX: Duration = Duration::from_millis(300);
 
 /// Registers an owned descriptor with the reactor.
 #[allow(unsafe_code)]

@@ -8,7 +8,7 @@
 //! up.
 //!
 //! A leader is set up in two steps: [`prepare`] (everything that does not depend on the command)
-//! and [`launch`] (credentials, the command's fork and the wait). For `Request::Exec` the init
+//! and [`launch`] (credentials, the command's start and the wait). For `Request::Exec` the init
 //! keeps one leader prepared ahead of time, a [`standby`] that waits for its [`Launch`], so an
 //! execution's fork, cgroup move and terminal set-up are off its critical path.
 #![allow(unsafe_code)]
