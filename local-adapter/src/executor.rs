@@ -66,6 +66,9 @@ const DRAIN_MAX: Duration = Duration::from_millis(300);
 /// background processes they left (see [`keep_stderr_for_background`]); beyond that, a
 /// background process writing to its stderr ends with `SIGPIPE`, as it would without a reader.
 const LINGERING_STDERR_MAX: usize = 16;
+/// How much a finished execution's background processes may write to its stderr before the
+/// pipe is closed: the server's time spent discarding it is not the runner's to spend.
+const LINGERING_STDERR_BYTES: usize = 1 << 20;
 /// Longest path accepted in a file update (Linux's `PATH_MAX` is 4096; longer ones are refused
 /// rather than carried to the runner).
 const MAX_PATH_LEN: usize = 4096;
@@ -979,9 +982,9 @@ impl Inner {
         };
         Limits {
             memory_bytes: u64::from(mb) << 20,
-            // One more place for the init's standby leader, which the runner's own code never
-            // sees as one of its processes.
-            max_processes: self.config.max_processes.saturating_add(1),
+            // Two more places, for the init's standby leader and its file helper forked ahead,
+            // which the runner's own code never sees as its processes.
+            max_processes: self.config.max_processes.saturating_add(2),
             cpu_shares: Limits::cpu_shares_from_mhz(spec.cpu_limit),
         }
     }
@@ -1063,8 +1066,9 @@ enum InitState {
     Gone,
     /// Dead, but the zombie of another process. Right after its creation that is the sandbox
     /// helper, whose exit hands the init to us (we are the subreaper of the inits we start), so
-    /// it is worth waiting a moment to reap it rather than leave a zombie until we exit. After a
-    /// restart it is the host's init, which reaps it in its own time.
+    /// it is worth waiting a moment to reap it rather than leave a zombie until we exit (nothing
+    /// here reaps a zombie handed over later). After a restart it is the host's init, which
+    /// reaps it in its own time.
     ZombieOfAnother,
 }
 
@@ -1723,8 +1727,9 @@ struct Pump {
 /// Keeps a finished execution's stderr pipe open while processes it left in the background
 /// still hold it: they keep running until the runner is destroyed (design §2), and a write to a
 /// pipe without a reader would kill them with `SIGPIPE`. What they write is discarded. The pipe
-/// closes when its last writer is gone, at the latest with the runner's processes; at most
-/// [`LINGERING_STDERR_MAX`] per runner stay open.
+/// closes when its last writer is gone (at the latest with the runner's processes), when the
+/// runner is being destroyed, or after [`LINGERING_STDERR_BYTES`], whichever comes first; at
+/// most [`LINGERING_STDERR_MAX`] per runner stay open.
 fn keep_stderr_for_background(stderr: AsyncFd<OwnedFd>, runner: &Arc<Runner>) {
     use std::sync::atomic::Ordering;
     if runner.lingering_stderr.fetch_add(1, Ordering::SeqCst) >= LINGERING_STDERR_MAX {
@@ -1733,8 +1738,14 @@ fn keep_stderr_for_background(stderr: AsyncFd<OwnedFd>, runner: &Arc<Runner>) {
     }
     let runner = runner.clone();
     tokio::spawn(async move {
-        let mut discard = [0u8; 4096];
-        while matches!(read_fd(&stderr, &mut discard).await, Ok(n) if n > 0) {}
+        let mut discard = vec![0u8; 16 << 10];
+        let mut left = LINGERING_STDERR_BYTES;
+        while left > 0 && !runner.destroying.load(Ordering::SeqCst) {
+            match read_fd(&stderr, &mut discard).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
         runner.lingering_stderr.fetch_sub(1, Ordering::SeqCst);
     });
 }

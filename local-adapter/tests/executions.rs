@@ -220,6 +220,25 @@ async fn a_background_process_writing_to_stderr_after_its_execution_keeps_runnin
     f.destroy(&r).await;
 }
 
+/// What background processes write to stderr after their execution is discarded by the server
+/// only up to a budget: past it the pipe closes, and a flood ends as it would without a reader.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_background_flood_of_stderr_is_not_drained_forever() {
+    let f = Fixture::new().await;
+    let r = f.runner().await;
+    let o = run(&f.executor, &r, "sleep 0.5 && cat /dev/zero >&2 & echo bye").await;
+    assert_eq!(o.out(), "bye\r\n");
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        while count_processes(&f, &r, "cat").await > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the flood is still drained");
+    f.destroy(&r).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prompt_arrives_before_any_input() {
     let f = Fixture::new().await;

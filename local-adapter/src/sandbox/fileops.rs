@@ -51,7 +51,7 @@ pub(crate) fn serve(
     let response = match super::setup::enter_execution_namespace(userns, privileged) {
         Err(message) => Response::Error { message },
         Ok(()) => {
-            // The helper touches little memory, all of it fresh to this process: small pages
+            // The helper touches little memory, most of it its own from here on: small pages
             // keep each first touch cheap (a transparent huge page is 2 MiB to zero).
             let _ = rustix::thread::disable_transparent_huge_pages(true);
             // As for a command: `/proc/self/cwd` and relative lookups see the working directory.

@@ -3,8 +3,8 @@
 //! It spawns executions (passing the PTY master and the stderr pipe back to the server) and
 //! hands each file operation to a child of its own, a [`FileHelper`], which runs with the
 //! request's credentials inside the runner's root. Once a runner has had a file operation, the
-//! init keeps one file helper forked ahead while it is idle, so the next operation does not wait
-//! for a fork. It is single-threaded and event driven; every request is untrusted input:
+//! init keeps one file helper forked ahead (forking it while no execution and no file operation
+//! runs), so the next operation does not wait for a fork. It is single-threaded and event driven; every request is untrusted input:
 //! sizes are bounded, reads time out, and nothing a request says can make it panic.
 #![allow(unsafe_code)]
 
@@ -234,9 +234,9 @@ struct Init<'a> {
     files_served: bool,
 }
 
-/// A child of the init that serves one file operation: forked with no descriptor but its
-/// `handoff` socket and the execution namespace, it waits there for the request and the
-/// connection to answer it on (see `serve_handed_file_op`).
+/// A child of the init that serves one file operation: forked with no descriptor but stdio
+/// (`/dev/null`), its `handoff` socket and the execution namespace, it waits there for the
+/// request and the connection to answer it on (see `serve_handed_file_op`).
 struct FileHelper {
     pid: i32,
     /// The init's end of the socket the helper waits on.

@@ -231,8 +231,11 @@ pub(super) fn launch_command(
     // stack of its own (as `posix_spawn` does): no page table is copied, nothing is copied on
     // write, and its exec tears down no copy of the leader's image. The leader is suspended until
     // the child executes or exits (`CLONE_VFORK`), so the child may use the leader's heap as its
-    // own; what it takes from it is never given back, which costs nothing in a leader.
-    let mut stack = vec![0u8; COMMAND_STACK];
+    // own; what it takes from it is never given back, which costs nothing in a leader. The child
+    // may be killed anywhere, even in the middle of an allocation, so after `clone` the leader
+    // allocates nothing and takes no lock (it only frees the closure): `lead` waits, reports and
+    // exits. Harm from a half-done allocation stays with this execution's own leader.
+    let stack = command_stack();
     // The leader cannot reap (the init does), but in the aftermath of a kill it may wait for
     // places in the process table to come free.
     let forked = loop {
@@ -240,7 +243,7 @@ pub(super) fn launch_command(
             let me = nix::unistd::getpid();
             let _ = nix::unistd::setpgid(me, me);
             if terminal {
-                let _ = nix::unistd::tcsetpgrp(std::io::stdin(), me);
+                let _ = nix::unistd::tcsetpgrp(terminal_fd(), me);
             }
             reset_signals();
             // SAFETY: restoring the default disposition has no handler to race with.
@@ -258,7 +261,7 @@ pub(super) fn launch_command(
         let cloned = unsafe {
             nix::sched::clone(
                 start,
-                &mut stack,
+                &mut *stack,
                 nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
                 Some(libc::SIGCHLD),
             )
@@ -283,9 +286,43 @@ pub(super) fn launch_command(
     };
     let _ = nix::unistd::setpgid(main, main);
     if terminal {
-        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), main);
+        let _ = nix::unistd::tcsetpgrp(terminal_fd(), main);
     }
     lead(prepared, main, context.status)
+}
+
+/// The terminal, on stdin, for `tcsetpgrp`: borrowed as a bare descriptor, because
+/// `std::io::stdin()` allocates its buffer on first use (see `launch_command` on allocating).
+fn terminal_fd() -> BorrowedFd<'static> {
+    // SAFETY: fd 0 is open for the leader's whole life (set up by `prepare`, closed by `lead`
+    // after its last `tcsetpgrp`).
+    unsafe { BorrowedFd::borrow_raw(0) }
+}
+
+/// The stack the command's process starts on: fresh pages (only those it touches are ever
+/// allocated) below a guard page, so an overflow faults instead of writing into the leader's
+/// memory. Never unmapped: the leader exits after its command.
+fn command_stack() -> &'static mut [u8] {
+    const GUARD: usize = 4096;
+    // SAFETY: a new private anonymous mapping, aliased by nothing; its lowest page becomes the
+    // guard and the slice covers the rest, which stays mapped for the life of the process.
+    unsafe {
+        let base = libc::mmap(
+            std::ptr::null_mut(),
+            GUARD + COMMAND_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        );
+        if base == libc::MAP_FAILED {
+            fail(127, "stack", &Errno::last());
+        }
+        if libc::mprotect(base, GUARD, libc::PROT_NONE) != 0 {
+            fail(127, "stack guard", &Errno::last());
+        }
+        std::slice::from_raw_parts_mut(base.cast::<u8>().add(GUARD), COMMAND_STACK)
+    }
 }
 
 /// The leader's wait for its command `main`: when it ends, the leader makes its own group the
@@ -312,7 +349,7 @@ fn lead(prepared: Prepared, main: nix::unistd::Pid, status: Option<OwnedFd>) -> 
         }
     };
     if terminal {
-        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), nix::unistd::getpgrp());
+        let _ = nix::unistd::tcsetpgrp(terminal_fd(), nix::unistd::getpgrp());
         // SAFETY: the terminal's last use; the server sees its end once no process holds it.
         unsafe {
             libc::close(0);
