@@ -220,16 +220,19 @@ fn start_time(pid: i32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The state letter (`R`, `S`, `Z`, …) of the runner's init in `/proc/<pid>/stat`; `None` when
+/// it is gone or its pid belongs to another process now.
+fn init_process_state(handle: &Handle) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", handle.pid)).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let started: u64 = fields.nth(18)?.parse().ok()?;
+    (started == handle.start_time).then_some(state)
+}
+
 /// Whether the runner's init has exited: gone, replaced by another process, or a zombie.
 fn has_exited(handle: &Handle) -> bool {
-    match std::fs::read_to_string(format!("/proc/{}/stat", handle.pid)) {
-        Err(_) => true,
-        Ok(s) => {
-            start_time(handle.pid) != Some(handle.start_time)
-                || s.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        }
-    }
+    init_process_state(handle).is_none_or(|state| state == 'Z')
 }
 
 fn is_alive(handle: &Handle) -> bool {
@@ -1080,9 +1083,11 @@ fn init_state(handle: &Handle) -> InitState {
     match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
         Ok(nix::sys::wait::WaitStatus::StillAlive) => InitState::Alive,
         Ok(_) => InitState::Gone,
-        Err(_) if !has_exited(handle) => InitState::Alive,
-        Err(_) if start_time(handle.pid) == Some(handle.start_time) => InitState::ZombieOfAnother,
-        Err(_) => InitState::Gone,
+        Err(_) => match init_process_state(handle) {
+            None => InitState::Gone,
+            Some('Z') => InitState::ZombieOfAnother,
+            Some(_) => InitState::Alive,
+        },
     }
 }
 

@@ -4,8 +4,9 @@
 //! hands each file operation to a child of its own, a [`FileHelper`], which runs with the
 //! request's credentials inside the runner's root. Once a runner has had a file operation, the
 //! init keeps one file helper forked ahead (forking it while no execution and no file operation
-//! runs), so the next operation does not wait for a fork. It is single-threaded and event driven; every request is untrusted input:
-//! sizes are bounded, reads time out, and nothing a request says can make it panic.
+//! runs), so the next operation does not wait for a fork. It is single-threaded and event
+//! driven; every request is untrusted input: sizes are bounded, reads time out, and nothing a
+//! request says can make it panic.
 #![allow(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
